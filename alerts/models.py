@@ -1,0 +1,1 @@
+"""Alert rules and alerts arrive with the operations issue."""

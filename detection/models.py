@@ -1,0 +1,219 @@
+"""Fleets, devices, telemetry, pipeline runs, model versions and anomaly results.
+
+Telemetry keeps a fleet's metric values in one JSON object per (device, timestamp), because each
+fleet has its own metric schema. Bulk paths (detection.ingest.loader) write it with COPY on
+PostgreSQL and executemany on SQLite, and read it back with the database's own JSON extraction.
+"""
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from simple_history.models import HistoricalRecords
+
+from .choices import Label, ModelStatus, RunStage, RunStatus, Severity, Trigger
+
+DEFAULT_COHORT_COLUMNS = ["manufacturer", "model", "os_version"]
+DEVICE_ATTRIBUTE_COLUMNS = ["manufacturer", "model", "os_version", "store", "customer"]
+
+
+class Fleet(models.Model):
+    """A named set of devices sharing one metric schema.
+
+    metric_schema: list of {"name": str, "unit": str, "domain": str}, e.g.
+    {"name": "battery_level", "unit": "%", "domain": "battery"}.
+    config: per-fleet overrides of settings.VIGIL_DETECTION (algorithm, contamination, windows...).
+    """
+
+    name = models.SlugField(max_length=100, unique=True)
+    description = models.TextField(blank=True)
+    metric_schema = models.JSONField(default=list)
+    cohort_columns = models.JSONField(default=list)
+    config = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def metric_names(self) -> list[str]:
+        return [m["name"] for m in self.metric_schema]
+
+    @property
+    def metric_domains(self) -> dict[str, str]:
+        return {m["name"]: m.get("domain", "other") for m in self.metric_schema}
+
+    def detection_config(self) -> dict:
+        """settings.VIGIL_DETECTION with this fleet's overrides applied."""
+        return {**settings.VIGIL_DETECTION, **(self.config or {})}
+
+
+class Device(models.Model):
+    fleet = models.ForeignKey(Fleet, on_delete=models.CASCADE, related_name="devices")
+    external_id = models.CharField(max_length=200)
+    manufacturer = models.CharField(max_length=100, blank=True)
+    model = models.CharField(max_length=100, blank=True)
+    os_version = models.CharField(max_length=50, blank=True)
+    store = models.CharField(max_length=100, blank=True)
+    customer = models.CharField(max_length=100, blank=True)
+
+    class Meta:
+        ordering = ["fleet", "external_id"]
+        constraints = [
+            models.UniqueConstraint(fields=["fleet", "external_id"], name="uniq_device_per_fleet"),
+        ]
+
+    def __str__(self) -> str:
+        return self.external_id
+
+    @property
+    def cohort_label(self) -> str:
+        return " ".join(p for p in (self.manufacturer, self.model, self.os_version) if p)
+
+
+class Telemetry(models.Model):
+    """One sample of a device: the fleet's metric values at a timestamp ({metric: float|null})."""
+
+    fleet = models.ForeignKey(Fleet, on_delete=models.CASCADE, related_name="+")
+    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="telemetry")
+    timestamp = models.DateTimeField()
+    values = models.JSONField()
+
+    class Meta:
+        verbose_name_plural = "telemetry"
+        constraints = [
+            models.UniqueConstraint(fields=["device", "timestamp"], name="uniq_telemetry_sample"),
+        ]
+        indexes = [models.Index(fields=["fleet", "timestamp"], name="telemetry_fleet_ts")]
+
+
+class GroundTruthLabel(models.Model):
+    """A labelled anomaly window that came with the data (NAB, SKAB, synthetic injections).
+
+    Kept apart from telemetry and used for evaluation only: the detector never reads it.
+    """
+
+    fleet = models.ForeignKey(Fleet, on_delete=models.CASCADE, related_name="ground_truth")
+    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="ground_truth")
+    start = models.DateTimeField()
+    end = models.DateTimeField()
+    kind = models.CharField(max_length=50, blank=True)
+    metric = models.CharField(max_length=100, blank=True)
+    source = models.CharField(max_length=50, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["fleet", "device", "start"], name="truth_fleet_device")]
+
+
+class PipelineRun(models.Model):
+    fleet = models.ForeignKey(Fleet, on_delete=models.CASCADE, related_name="runs")
+    status = models.CharField(max_length=20, choices=RunStatus.choices, default=RunStatus.PENDING)
+    stage = models.CharField(max_length=20, choices=RunStage.choices, default=RunStage.QUEUED)
+    trigger = models.CharField(max_length=20, choices=Trigger.choices, default=Trigger.CLI)
+    params = models.JSONField(default=dict, blank=True)
+    stage_timings = models.JSONField(default=dict, blank=True)
+    row_counts = models.JSONField(default=dict, blank=True)
+    warnings = models.JSONField(default=list, blank=True)
+    error = models.TextField(blank=True)
+    model_version = models.ForeignKey(
+        "ModelVersion", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    baseline_version = models.ForeignKey(
+        "baselines.BaselineVersion", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    n_scored = models.IntegerField(default=0)
+    n_anomalies = models.IntegerField(default=0)
+    threshold = models.FloatField(null=True, blank=True)
+    started_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["fleet", "status"], name="run_fleet_status")]
+
+    def __str__(self) -> str:
+        return f"run {self.pk} of {self.fleet_id} ({self.status})"
+
+    @property
+    def duration_seconds(self) -> float | None:
+        if self.started_at and self.finished_at:
+            return (self.finished_at - self.started_at).total_seconds()
+        return None
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in {RunStatus.SUCCEEDED, RunStatus.DEGRADED, RunStatus.FAILED}
+
+
+class ModelVersion(models.Model):
+    fleet = models.ForeignKey(Fleet, on_delete=models.CASCADE, related_name="model_versions")
+    version = models.PositiveIntegerField()
+    algorithm = models.CharField(max_length=50)
+    params = models.JSONField(default=dict)
+    feature_list = models.JSONField(default=list)
+    feature_domain_weights = models.JSONField(default=dict)
+    training_rows = models.IntegerField(default=0)
+    training_seconds = models.FloatField(default=0.0)
+    metrics = models.JSONField(default=dict, blank=True)
+    status = models.CharField(max_length=20, choices=ModelStatus.choices, default=ModelStatus.CANDIDATE)
+    baseline_version = models.ForeignKey(
+        "baselines.BaselineVersion", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    run = models.ForeignKey(PipelineRun, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    artifact_path = models.CharField(max_length=500, blank=True)
+    artifact_checksum = models.CharField(max_length=64, blank=True)
+    format_version = models.PositiveIntegerField(default=1)
+    created_at = models.DateTimeField(auto_now_add=True)
+    history = HistoricalRecords()
+
+    class Meta:
+        ordering = ["fleet", "-version"]
+        constraints = [
+            models.UniqueConstraint(fields=["fleet", "version"], name="uniq_model_version_per_fleet"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.fleet.name} model v{self.version} ({self.algorithm}, {self.status})"
+
+
+class AnomalyResult(models.Model):
+    """One scoring decision: a (device, timestamp) scored by a model version on a baseline version.
+
+    top_metrics: list of {"metric", "feature", "domain", "value", "typical", "mad", "z", "level"}
+    ordered by |z| (robust z-score against the baseline level that applied).
+    """
+
+    run = models.ForeignKey(PipelineRun, on_delete=models.CASCADE, related_name="results")
+    fleet = models.ForeignKey(Fleet, on_delete=models.CASCADE, related_name="+")
+    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="results")
+    timestamp = models.DateTimeField()
+    anomaly_score = models.FloatField()
+    label = models.SmallIntegerField(choices=Label.choices)
+    threshold = models.FloatField()
+    severity = models.CharField(max_length=10, choices=Severity.choices, blank=True)
+    model_version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="results")
+    baseline_version = models.ForeignKey(
+        "baselines.BaselineVersion", null=True, blank=True, on_delete=models.PROTECT, related_name="results"
+    )
+    top_metrics = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        ordering = ["-timestamp", "-id"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "device", "timestamp"], name="uniq_result_per_run"),
+        ]
+        indexes = [
+            models.Index(fields=["fleet", "label", "-timestamp"], name="result_fleet_label_ts"),
+            models.Index(fields=["run", "label"], name="result_run_label"),
+            models.Index(fields=["device", "timestamp"], name="result_device_ts"),
+        ]
+
+    @property
+    def is_anomaly(self) -> bool:
+        return self.label == Label.ANOMALY

@@ -1,0 +1,1 @@
+"""Stored explanations arrive with the explanations issue."""
