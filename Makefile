@@ -35,8 +35,9 @@ demo: install
 serve: install
 	$(PY) -m daphne -b $(HOST) -p $(PORT) anomaly_project.asgi:application
 
+PYTEST_ARGS ?=
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install
 	$(PY) -m pytest -m "not slow and not browser"

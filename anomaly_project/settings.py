@@ -220,6 +220,8 @@ VIGIL_DETECTION = {
     "min_variance": envfloat("VIGIL_MIN_VARIANCE", 1e-6),
     "min_training_rows": envint("VIGIL_MIN_TRAINING_ROWS", 50),
     "rolling_window": envstr("VIGIL_ROLLING_WINDOW", "12h"),
+    "delta_lag": envstr("VIGIL_DELTA_LAG", "1D"),
+    "z_level": envstr("VIGIL_Z_LEVEL", "cohort"),
     "baseline_min_rows": envint("VIGIL_BASELINE_MIN_ROWS", 25),
     "hybrid_temporal_weight": envfloat("VIGIL_HYBRID_TEMPORAL_WEIGHT", 0.5),
     "top_metrics": envint("VIGIL_TOP_METRICS", 5),

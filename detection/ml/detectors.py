@@ -1,0 +1,225 @@
+"""Detectors: fit on a frame of features, then score_samples (higher means more anomalous).
+
+- AnomalyDetector: scikit-learn's IsolationForest (Liu, Ting & Zhou, "Isolation Forest", ICDM 2008)
+  on median-imputed, near-constant-filtered, standard-scaled features, with feature-domain weights.
+- HybridAnomalyDetector: the forest's score plus a temporal residual score (each device against its
+  own recent behaviour), both robustly scaled on the training rows, fused by a weighted sum.
+
+Django-free; detectors are found by name through DETECTORS (register_detector).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from .features import MAD_TO_SIGMA
+
+DETECTORS: dict[str, type["AnomalyDetector"]] = {}
+
+
+def register_detector(name: str) -> Callable[[type], type]:
+    def wrap(cls: type) -> type:
+        cls.name = name
+        DETECTORS[name] = cls
+        return cls
+
+    return wrap
+
+
+class DetectorError(ValueError):
+    """Pre-flight or fitting failed; the message names the column or count at fault."""
+
+
+@dataclass(frozen=True)
+class AnomalyDetectorConfig:
+    """Detector settings. Defaults mirror settings.VIGIL_DETECTION, which the pipeline passes in.
+
+    contamination: expected share of anomalies (0, 0.5]; the threshold is the training-score
+        quantile at 1 - contamination.
+    min_variance: features whose variance (after imputation, before scaling) is below this are dropped.
+    temporal_weight: HybridAnomalyDetector only; the temporal residual's share of the fused score.
+    """
+
+    contamination: float = 0.03
+    n_estimators: int = 300
+    random_state: int = 42
+    scale_features: bool = True
+    min_variance: float = 1e-6
+    min_training_rows: int = 50
+    max_samples: int | str = "auto"
+    n_jobs: int = 1
+    temporal_weight: float = 0.5
+
+    @classmethod
+    def from_mapping(cls, values: dict) -> "AnomalyDetectorConfig":
+        known = {k: values[k] for k in cls.__dataclass_fields__ if k in values}
+        if "hybrid_temporal_weight" in values:
+            known["temporal_weight"] = values["hybrid_temporal_weight"]
+        return cls(**known)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.contamination <= 0.5:
+            raise DetectorError(f"contamination must be in (0, 0.5], got {self.contamination}")
+        if self.n_estimators < 1:
+            raise DetectorError(f"n_estimators must be at least 1, got {self.n_estimators}")
+        if not 0 <= self.temporal_weight <= 1:
+            raise DetectorError(f"temporal_weight must be in [0, 1], got {self.temporal_weight}")
+
+
+def domain_feature_weights(features: list[str], feature_domain: dict[str, str],
+                           domain_weights: dict[str, float] | None = None) -> dict[str, float]:
+    """Per-feature weights such that every domain carries the same total weight (times its own
+    domain weight, default 1), normalised to a mean of 1 across features."""
+    domains = {f: feature_domain.get(f, "other") for f in features}
+    per_domain = pd.Series(domains).value_counts()
+    raw = {f: (domain_weights or {}).get(d, 1.0) / per_domain[d] for f, d in domains.items()}
+    mean = float(np.mean(list(raw.values()))) or 1.0
+    return {f: w / mean for f, w in raw.items()}
+
+
+@register_detector("isolation_forest")
+class AnomalyDetector:
+    """Isolation Forest with pre-flight checks, imputation, feature filtering, scaling and weights.
+
+    Isolation Forest picks a split feature uniformly at random, so scaling a column does not change
+    its influence. Domain weights are therefore applied as sampling weights: each column is repeated
+    in proportion to its weight (at most MAX_REPEAT times), which makes the forest choose it that
+    much more often. Scaling (StandardScaler) still matters for the imputed values and the
+    explanations that read the transformed matrix.
+
+    Attributes after fit: features_ (kept, in order), dropped_ ({feature: reason}), threshold_,
+    medians_, training_rows_, weights_.
+    """
+
+    name = "isolation_forest"
+    MAX_REPEAT = 4
+
+    def __init__(self, config: AnomalyDetectorConfig | None = None, *,
+                 feature_domain: dict[str, str] | None = None, domain_weights: dict[str, float] | None = None):
+        self.config = config or AnomalyDetectorConfig()
+        self.feature_domain = feature_domain or {}
+        self.domain_weights = domain_weights or {}
+
+    # -- fitting ----------------------------------------------------------------------------
+    def preflight(self, X: pd.DataFrame, features: list[str]) -> None:
+        """Raise DetectorError for missing feature columns, too few rows or all-NaN columns."""
+        if not features:
+            raise DetectorError("no feature columns were given to train on")
+        missing = [f for f in features if f not in X.columns]
+        if missing:
+            raise DetectorError(f"feature column(s) missing from the training frame: {', '.join(missing)}")
+        if len(X) < self.config.min_training_rows:
+            raise DetectorError(
+                f"too few training rows: {len(X)} (at least {self.config.min_training_rows} are needed)")
+        all_nan = [f for f in features if not X[f].notna().any()]
+        if all_nan:
+            raise DetectorError(f"all-NaN feature column(s) in the training rows: {', '.join(all_nan)}")
+
+    def fit(self, X: pd.DataFrame, features: list[str]) -> "AnomalyDetector":
+        """X: rows x (at least `features`), float. Returns self."""
+        from sklearn.ensemble import IsolationForest
+        from sklearn.preprocessing import StandardScaler
+
+        self.preflight(X, features)
+        raw = X[features].to_numpy(dtype="float64")
+        raw[~np.isfinite(raw)] = np.nan
+        medians = np.nanmedian(raw, axis=0)
+        filled = np.where(np.isnan(raw), medians, raw)
+        variance = filled.var(axis=0)
+        keep = variance >= self.config.min_variance
+        self.dropped_ = {f: f"near-constant (variance {v:.3g} < {self.config.min_variance:g})"
+                         for f, v, k in zip(features, variance, keep) if not k}
+        if not keep.any():
+            raise DetectorError("every feature is near-constant in the training rows; nothing to learn from")
+        self.features_ = [f for f, k in zip(features, keep) if k]
+        self.medians_ = medians[keep]
+        self.scaler_ = StandardScaler().fit(filled[:, keep]) if self.config.scale_features else None
+        self.weights_ = domain_feature_weights(self.features_, self.feature_domain, self.domain_weights)
+        self.repeats_ = np.array([min(self.MAX_REPEAT, max(1, round(self.weights_[f] / min(self.weights_.values()))))
+                                  for f in self.features_])
+        # contamination="auto" spares sklearn a scoring pass; the threshold is set below from our own scores.
+        self.forest_ = IsolationForest(
+            n_estimators=self.config.n_estimators, contamination="auto",
+            random_state=self.config.random_state, max_samples=self.config.max_samples, n_jobs=self.config.n_jobs,
+        ).fit(np.repeat(self.transform(X), self.repeats_, axis=1))
+        self.training_rows_ = len(X)
+        self.threshold_ = self._fit_threshold(X)
+        return self
+
+    def _fit_threshold(self, X: pd.DataFrame) -> float:
+        """The training-score quantile at 1 - contamination."""
+        return float(np.quantile(self.score_samples(X), 1 - self.config.contamination))
+
+    # -- scoring ----------------------------------------------------------------------------
+    def transform(self, X: pd.DataFrame) -> np.ndarray:
+        """The matrix the forest sees before column repetition: imputed and scaled, rows x features_."""
+        raw = X[self.features_].to_numpy(dtype="float64")
+        raw = np.where(np.isfinite(raw), raw, self.medians_)
+        return self.scaler_.transform(raw) if self.scaler_ is not None else raw
+
+    def _forest_scores(self, X: pd.DataFrame) -> np.ndarray:
+        return -self.forest_.score_samples(np.repeat(self.transform(X), self.repeats_, axis=1))
+
+    def score_samples(self, X: pd.DataFrame) -> np.ndarray:
+        """Anomaly score per row (higher = more anomalous); for the forest, minus sklearn's score_samples,
+        in (0, 1]."""
+        return self._forest_scores(X)
+
+    def predict(self, X: pd.DataFrame) -> np.ndarray:
+        """-1 for anomaly, 1 for normal (scikit-learn's convention)."""
+        return np.where(self.score_samples(X) > self.threshold_, -1, 1)
+
+    def params(self) -> dict:
+        return {**asdict(self.config), "algorithm": self.name}
+
+
+@register_detector("hybrid")
+class HybridAnomalyDetector(AnomalyDetector):
+    """Isolation Forest score fused with a temporal residual score.
+
+    The temporal score of a row is the root mean square of its clipped per-metric residuals
+    (``m_resid`` from detection.ml.features: the sample against the device's previous rolling
+    window, in rolling standard deviations), clipped at RESID_CLIP to keep one broken sensor from
+    swamping the rest. Both scores are put on a common scale with the training rows' median and
+    MAD (robust scaling), then fused as (1 - w) * forest + w * temporal, w = temporal_weight.
+    """
+
+    name = "hybrid"
+    RESID_CLIP = 10.0
+
+    def fit(self, X: pd.DataFrame, features: list[str], resid_features: list[str] | None = None) -> "HybridAnomalyDetector":
+        self.resid_features_ = [f for f in (resid_features or []) if f in X.columns]
+        if not self.resid_features_:
+            raise DetectorError("the hybrid detector needs temporal residual columns (*_resid); none were given")
+        super().fit(X, features)
+        return self
+
+    def _fit_threshold(self, X: pd.DataFrame) -> float:
+        forest, temporal = self._forest_scores(X), self._temporal(X)
+        self.scales_ = (_robust_center_scale(forest), _robust_center_scale(temporal))
+        return float(np.quantile(self._fuse(forest, temporal), 1 - self.config.contamination))
+
+    def _temporal(self, X: pd.DataFrame) -> np.ndarray:
+        r = X[self.resid_features_].to_numpy(dtype="float64")
+        r = np.clip(np.nan_to_num(np.abs(r), nan=0.0, posinf=self.RESID_CLIP), 0, self.RESID_CLIP)
+        return np.sqrt(np.mean(r ** 2, axis=1))
+
+    def _fuse(self, forest: np.ndarray, temporal: np.ndarray) -> np.ndarray:
+        (fc, fs), (tc, ts) = self.scales_
+        w = self.config.temporal_weight
+        return (1 - w) * (forest - fc) / fs + w * (temporal - tc) / ts
+
+    def score_samples(self, X: pd.DataFrame) -> np.ndarray:
+        return self._fuse(self._forest_scores(X), self._temporal(X))
+
+    def component_scores(self, X: pd.DataFrame) -> dict[str, np.ndarray]:
+        return {"forest": self._forest_scores(X), "temporal": self._temporal(X)}
+
+
+def _robust_center_scale(x: np.ndarray) -> tuple[float, float]:
+    center = float(np.median(x))
+    scale = MAD_TO_SIGMA * float(np.median(np.abs(x - center)))
+    return center, scale if scale > 0 else float(np.std(x)) or 1.0

@@ -1,0 +1,225 @@
+"""The Django-free pipeline core: features -> baselines -> train -> score, on a telemetry frame.
+
+detection.services wraps it with the stages that touch the database (ingest before, persist after);
+the evaluate command and the benchmarks call it too, so every caller runs the same code.
+
+Failure policy (DEVELOPERS.md): if baselines fail, the run falls back to raw features and records a
+warning; if training or scoring fails, StageError is raised with the stage and a clear message.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from baselines.engine import LEVELS, BaselineSet, apply_baselines, compute_baselines
+
+from .detectors import DETECTORS, AnomalyDetectorConfig, DetectorError
+from .features import FeatureConfig, build_features
+from .scoring import ScoreResult, score_frame
+
+logger = logging.getLogger(__name__)
+
+
+class StageError(Exception):
+    """A pipeline stage failed; `stage` names it and the message says why."""
+
+    def __init__(self, stage: str, message: str):
+        self.stage = stage
+        super().__init__(f"{stage} failed: {message}")
+
+
+@dataclass(frozen=True)
+class TrainingWindow:
+    """Which rows train the model and which are scored.
+
+    train_until: rows with timestamp <= this train (None: no time bound).
+    train_rows_per_device: the first N rows of each device train (None: no count bound).
+    score: "all" scores every row; "after_training" scores only rows outside the training window.
+    """
+
+    train_until: pd.Timestamp | None = None
+    train_rows_per_device: int | None = None
+    score: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.score not in ("all", "after_training"):
+            raise ValueError(f"score must be 'all' or 'after_training', got {self.score!r}")
+        if self.train_rows_per_device is not None and self.train_rows_per_device < 1:
+            raise ValueError("train_rows_per_device must be at least 1")
+
+    def training_mask(self, frame: pd.DataFrame) -> np.ndarray:
+        mask = np.ones(len(frame), dtype=bool)
+        if self.train_until is not None:
+            mask &= (frame["timestamp"] <= self.train_until).to_numpy()
+        if self.train_rows_per_device is not None:
+            mask &= (frame.groupby("device_id", sort=False).cumcount() < self.train_rows_per_device).to_numpy()
+        return mask
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    algorithm: str = "hybrid"
+    detector: AnomalyDetectorConfig = field(default_factory=AnomalyDetectorConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    window: TrainingWindow = field(default_factory=TrainingWindow)
+    baseline_levels: tuple[str, ...] = LEVELS
+    baseline_min_rows: int = 25
+    z_level: str = "cohort"
+    top_k: int = 5
+    severity_bands: tuple[float, float, float] = (4.0, 6.0, 10.0)
+    domain_weights: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, values: dict, *, cohort_columns: list[str], window: TrainingWindow | None = None
+                      ) -> "PipelineConfig":
+        """Build from a mapping shaped like settings.VIGIL_DETECTION (merged with a fleet's overrides)."""
+        algorithm = values.get("algorithm", "hybrid")
+        if algorithm not in DETECTORS:
+            raise ValueError(f"unknown algorithm {algorithm!r}; known: {sorted(DETECTORS)}")
+        return cls(
+            algorithm=algorithm,
+            detector=AnomalyDetectorConfig.from_mapping(values),
+            features=FeatureConfig(
+                rolling_window=values.get("rolling_window", "12h"), delta_lag=values.get("delta_lag", "1D"),
+                cohort_bucket=values.get("cohort_bucket", "1h"), cohort_columns=tuple(cohort_columns)),
+            window=window or TrainingWindow(),
+            baseline_levels=tuple(values.get("baseline_levels", LEVELS)),
+            baseline_min_rows=int(values.get("baseline_min_rows", 25)),
+            z_level=values.get("z_level", "cohort"),
+            top_k=int(values.get("top_metrics", 5)),
+            severity_bands=tuple(values.get("severity_z", (4.0, 6.0, 10.0))),
+            domain_weights=dict(values.get("domain_weights", {})),
+        )
+
+
+@dataclass
+class PipelineOutput:
+    """scored: rows x (device_id, external_id, timestamp) of the scored rows, aligned with result."""
+
+    scored: pd.DataFrame
+    result: ScoreResult
+    detector: object
+    baselines: BaselineSet | None
+    model_features: list[str]
+    warnings: list[str]
+    timings: dict[str, float]
+    row_counts: dict[str, int]
+    training_rows: int
+
+
+Progress = Callable[[str, dict], None]
+
+
+def run_core(df: pd.DataFrame, *, metrics: list[str], metric_domain: dict[str, str], config: PipelineConfig,
+             progress: Progress | None = None) -> PipelineOutput:
+    """Run features, baselines, train and score on a telemetry frame.
+
+    df: rows x (device_id, external_id, timestamp, device attribute columns, metrics), sorted by
+        device_id then timestamp (detection.ingest.loader.load_telemetry_frame's shape).
+    progress(stage, info) is called when a stage starts ({}) and ends ({"seconds", "rows"}).
+    Raises StageError for features, train and score failures.
+    """
+    progress = progress or (lambda stage, info: None)
+    warnings: list[str] = []
+    timings: dict[str, float] = {}
+    counts: dict[str, int] = {}
+
+    def stage(name: str):
+        return _Stage(name, progress, timings, counts)
+
+    with stage("features") as s:
+        try:
+            ff = build_features(df, metrics, config.features)
+        except (KeyError, ValueError) as exc:
+            raise StageError("features", str(exc)) from exc
+        frame = ff.frame
+        s.rows = len(frame)
+    feature_metric = ff.feature_metric
+    feature_domain = {f: metric_domain.get(m, "other") for f, m in feature_metric.items()}
+    train_mask = config.window.training_mask(frame)
+    if not train_mask.any():
+        raise StageError("train", "the training window selects no rows")
+    empty = [f for f in ff.model_features if not frame.loc[train_mask, f].notna().any()]
+    if empty:
+        warnings.append(f"{len(empty)} engineered feature(s) have no values in the training window and were "
+                        f"left out: {', '.join(empty)}")
+    usable = [f for f in ff.model_features if f not in empty]
+    blank_metrics = [m for m in metrics if m in usable and not frame.loc[train_mask, m].notna().any()]
+    if blank_metrics:
+        raise StageError("train", f"metric(s) with no values in the training window: {', '.join(blank_metrics)}")
+
+    baselines: BaselineSet | None = None
+    with stage("baselines") as s:
+        try:
+            levels = tuple(dict.fromkeys([*config.baseline_levels, config.z_level]))
+            baselines = compute_baselines(
+                frame.loc[train_mask], usable, levels, min_rows=config.baseline_min_rows,
+                cohort_columns=config.features.cohort_columns, seed=config.detector.random_state)
+            frame = apply_baselines(frame, baselines, (config.z_level,), features=usable)
+            model_features = [f"{f}_z_{config.z_level}" for f in usable]
+            s.rows = len(baselines.stats)
+        except Exception as exc:  # any failure here degrades to raw features, by design
+            logger.warning("baselines failed, falling back to raw features: %s", exc)
+            warnings.append(f"baselines failed ({exc}); the model was trained on raw features instead")
+            baselines, model_features = None, usable
+            s.rows = 0
+
+    detector_cls = DETECTORS[config.algorithm]
+    detector = detector_cls(config.detector, feature_domain={**feature_domain, **{
+        f"{f}_z_{config.z_level}": feature_domain[f] for f in usable}}, domain_weights=config.domain_weights)
+    train = frame.loc[train_mask]
+    with stage("train") as s:
+        try:
+            if config.algorithm == "hybrid":
+                detector.fit(train, model_features, resid_features=ff.resid_features)
+            else:
+                detector.fit(train, model_features)
+        except DetectorError as exc:
+            raise StageError("train", str(exc)) from exc
+        except Exception as exc:
+            logger.exception("training failed")
+            raise StageError("train", f"{type(exc).__name__}: {exc}") from exc
+        s.rows = len(train)
+        if detector.dropped_:
+            warnings.append(f"{len(detector.dropped_)} near-constant feature(s) dropped: "
+                            f"{', '.join(sorted(detector.dropped_))}")
+
+    score_rows = frame if config.window.score == "all" else frame.loc[~train_mask]
+    if score_rows.empty:
+        raise StageError("score", "no rows to score after the training window")
+    with stage("score") as s:
+        try:
+            result = score_frame(
+                detector, score_rows, features=usable, feature_metric=feature_metric, metric_domain=metric_domain,
+                baselines=baselines, level=config.z_level, top_k=config.top_k,
+                severity_bands=config.severity_bands)
+        except Exception as exc:
+            logger.exception("scoring failed")
+            raise StageError("score", f"{type(exc).__name__}: {exc}") from exc
+        s.rows = len(score_rows)
+
+    scored = score_rows[["device_id", "external_id", "timestamp"]].reset_index(drop=True)
+    return PipelineOutput(scored, result, detector, baselines, model_features, warnings, timings, counts,
+                          int(train_mask.sum()))
+
+
+class _Stage:
+    def __init__(self, name, progress, timings, counts):
+        self.name, self.progress, self.timings, self.counts, self.rows = name, progress, timings, counts, 0
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        self.progress(self.name, {})
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.timings[self.name] = round(time.perf_counter() - self.start, 3)
+            self.counts[self.name] = int(self.rows)
+            self.progress(self.name, {"seconds": self.timings[self.name], "rows": self.counts[self.name]})
+        return False

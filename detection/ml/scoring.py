@@ -1,0 +1,123 @@
+"""Scoring: anomaly scores, labels, severity and the top contributing metrics of each anomaly.
+
+Top metrics rank each source metric by the largest |robust z-score| among its engineered features
+(the z-scores that baselines.engine.apply_baselines added), and report that feature's value, its
+typical value (the baseline median at the level that applied after fall-back) and its MAD.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from baselines.engine import BaselineSet, lookup
+
+SEVERITIES = ("critical", "high", "medium", "low")
+
+
+@dataclass
+class ScoreResult:
+    """Per-row results, aligned with the scored frame (n rows).
+
+    scores: float, higher = more anomalous. labels: -1 anomaly, 1 normal. severity: "" for
+    normal rows. top_metrics: for anomalies, a list of dicts (metric, feature, domain, value,
+    typical, mad, z, level), |z| descending; [] for normal rows.
+    """
+
+    scores: np.ndarray
+    labels: np.ndarray
+    threshold: float
+    severity: np.ndarray
+    top_metrics: list[list[dict]]
+
+    @property
+    def n_anomalies(self) -> int:
+        return int((self.labels == -1).sum())
+
+
+def severity_from_z(max_abs_z: np.ndarray, bands: tuple[float, float, float] = (4.0, 6.0, 10.0)) -> np.ndarray:
+    """Low below bands[0], medium from bands[0], high from bands[1], critical from bands[2] (|z|)."""
+    medium, high, critical = bands
+    return np.select([max_abs_z >= critical, max_abs_z >= high, max_abs_z >= medium],
+                     ["critical", "high", "medium"], default="low")
+
+
+def score_frame(
+    detector, frame: pd.DataFrame, *, features: list[str], feature_metric: dict[str, str],
+    metric_domain: dict[str, str], baselines: BaselineSet | None, level: str = "cohort", top_k: int = 5,
+    severity_bands: tuple[float, float, float] = (4.0, 6.0, 10.0),
+) -> ScoreResult:
+    """Score every row of `frame` and explain the anomalies.
+
+    frame: rows x (features, their ``_z_{level}`` columns when baselines is given, group columns).
+    features: the engineered (un-normalised) features whose z-scores rank the metrics.
+    Without baselines (the fall-back path), z-scores are taken against the detector's training
+    mean and standard deviation and the level is reported as "training".
+    """
+    scores = detector.score_samples(frame)
+    labels = np.where(scores > detector.threshold_, -1, 1)
+    severity = np.full(len(frame), "", dtype=object)
+    top: list[list[dict]] = [[] for _ in range(len(frame))]
+    idx = np.flatnonzero(labels == -1)
+    if len(idx):
+        rows = frame.iloc[idx]
+        explained = top_metrics(rows, features=features, feature_metric=feature_metric, metric_domain=metric_domain,
+                                baselines=baselines, level=level, detector=detector, top_k=top_k)
+        max_z = np.array([abs(t[0]["z"]) if t and t[0]["z"] is not None else 0.0 for t in explained])
+        severity[idx] = severity_from_z(max_z, severity_bands)
+        for i, t in zip(idx, explained):
+            top[i] = t
+    return ScoreResult(scores, labels, float(detector.threshold_), severity, top)
+
+
+def top_metrics(rows: pd.DataFrame, *, features: list[str], feature_metric: dict[str, str],
+                metric_domain: dict[str, str], baselines: BaselineSet | None, level: str, detector=None,
+                top_k: int = 5) -> list[list[dict]]:
+    """The top_k metrics of each row by |robust z|; see ScoreResult.top_metrics for the entries."""
+    features = [f for f in features if f in rows.columns and (baselines is None or f in baselines.features)]
+    x = rows[features].to_numpy(dtype="float64")
+    if baselines is not None:
+        median, mad, used = lookup(rows, baselines, level, features, with_levels=True)
+        spread = 1.4826 * mad
+    else:
+        kept = [f for f in features if f in getattr(detector, "features_", [])]
+        features, x = kept, rows[kept].to_numpy(dtype="float64")
+        scaler = detector.scaler_
+        pos = [detector.features_.index(f) for f in kept]
+        median = np.tile(scaler.mean_[pos], (len(rows), 1)) if scaler is not None else np.zeros_like(x)
+        spread = np.tile(scaler.scale_[pos], (len(rows), 1)) if scaler is not None else np.ones_like(x)
+        mad = spread / 1.4826
+        used = np.full(x.shape, "training", dtype=object)
+    with np.errstate(all="ignore"):
+        z = (x - median) / spread
+    absz = np.where(np.isfinite(z), np.abs(z), -1.0)
+    metric_of = np.array([feature_metric.get(f, f) for f in features])
+    metrics = list(dict.fromkeys(metric_of))
+    # For each metric, the column of its most abnormal feature.
+    best_col = np.empty((len(rows), len(metrics)), dtype=int)
+    best_abs = np.empty((len(rows), len(metrics)))
+    for j, m in enumerate(metrics):
+        cols = np.flatnonzero(metric_of == m)
+        pick = cols[np.argmax(absz[:, cols], axis=1)]
+        best_col[:, j] = pick
+        best_abs[:, j] = absz[np.arange(len(rows)), pick]
+    order = np.argsort(-best_abs, axis=1)[:, :top_k]
+    out = []
+    for r in range(len(rows)):
+        entries = []
+        for j in order[r]:
+            c = best_col[r, j]
+            if best_abs[r, j] < 0:
+                continue
+            entries.append({
+                "metric": metrics[j], "feature": features[c], "domain": metric_domain.get(metrics[j], "other"),
+                "value": _num(x[r, c]), "typical": _num(median[r, c]), "mad": _num(mad[r, c]),
+                "z": _num(z[r, c]), "level": str(used[r, c]),
+            })
+        out.append(entries)
+    return out
+
+
+def _num(v: float) -> float | None:
+    return round(float(v), 4) if np.isfinite(v) else None

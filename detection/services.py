@@ -1,0 +1,218 @@
+"""Writes for the detection app: creating and executing pipeline runs.
+
+pipeline_run_execute is what both `manage.py run_pipeline` and the Celery task call. Stages run in
+the strict order ingest -> features -> baselines -> train -> score -> persist; the middle four are
+the Django-free core in detection.ml.pipeline.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Max
+from django.utils import timezone
+
+from baselines.models import BaselineStatistic, BaselineVersion
+
+from .choices import ModelStatus, RunStage, RunStatus, Trigger
+from .ingest.bulk import bulk_insert
+from .ingest.loader import load_telemetry_frame
+from .ml.artifacts import FORMAT_VERSION, save_artifact
+from .ml.pipeline import PipelineConfig, PipelineOutput, StageError, TrainingWindow, run_core
+from .models import AnomalyResult, Fleet, ModelVersion, PipelineRun
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[PipelineRun, str, dict], None]
+
+
+class PipelineRunError(Exception):
+    """The run could not start (bad parameters, unknown fleet); nothing was saved."""
+
+
+def pipeline_run_create(*, fleet: Fleet, trigger: str = Trigger.CLI, user=None, params: dict | None = None
+                        ) -> PipelineRun:
+    """A pending run. params may hold train_until (ISO timestamp), train_rows_per_device and score
+    ("all" or "after_training"); they are validated here so that a bad value never starts a run."""
+    params = dict(params or {})
+    _training_window(params)
+    return PipelineRun.objects.create(fleet=fleet, trigger=trigger, started_by=user, params=params)
+
+
+def pipeline_run_enqueue(*, run: PipelineRun) -> None:
+    """Hand the run to Celery once the transaction that created it commits."""
+    from .tasks import run_pipeline_task
+
+    transaction.on_commit(lambda: run_pipeline_task.delay(run.id))
+
+
+def pipeline_run_execute(*, run_id: int, progress: Progress | None = None) -> PipelineRun:
+    """Run a pending pipeline run to the end. Idempotent: a run that another worker already claimed
+    (status no longer pending) is returned untouched.
+
+    Raises nothing for pipeline failures: the run is marked failed (features/train/score) or degraded
+    (persist) with the error recorded, and returned.
+    """
+    claimed = PipelineRun.objects.filter(id=run_id, status=RunStatus.PENDING).update(
+        status=RunStatus.RUNNING, started_at=timezone.now(), stage=RunStage.INGEST)
+    run = PipelineRun.objects.select_related("fleet").get(id=run_id)
+    if claimed != 1:
+        logger.info("run %s was already claimed (status %s)", run_id, run.status)
+        return run
+    fleet = run.fleet
+
+    def report(stage: str, info: dict) -> None:
+        if info:
+            run.stage_timings[stage] = info["seconds"]
+            run.row_counts[stage] = info["rows"]
+            PipelineRun.objects.filter(id=run.id).update(stage_timings=run.stage_timings, row_counts=run.row_counts)
+        else:
+            run.stage = stage
+            PipelineRun.objects.filter(id=run.id).update(stage=stage)
+        if progress:
+            progress(run, stage, info)
+
+    try:
+        window = _training_window(run.params)
+        config = PipelineConfig.from_settings(fleet.detection_config(), cohort_columns=fleet.cohort_columns,
+                                              window=window)
+        report(RunStage.INGEST, {})
+        start = time.perf_counter()
+        frame = load_telemetry_frame(fleet)
+        if frame.empty:
+            raise StageError("ingest", f"fleet {fleet.name!r} has no telemetry; ingest some first")
+        report(RunStage.INGEST, {"seconds": round(time.perf_counter() - start, 3), "rows": len(frame)})
+        output = run_core(frame, metrics=fleet.metric_names, metric_domain=fleet.metric_domains, config=config,
+                          progress=report)
+    except (StageError, ValueError) as exc:
+        return _finish(run, RunStatus.FAILED, error=str(exc))
+    except Exception as exc:  # an unexpected bug still ends the run with a clear status
+        logger.exception("pipeline run %s failed", run.id)
+        return _finish(run, RunStatus.FAILED, error=f"unexpected {type(exc).__name__}: {exc}")
+
+    run.warnings = output.warnings
+    report(RunStage.PERSIST, {})
+    start = time.perf_counter()
+    try:
+        _persist(run, output, config)
+    except Exception as exc:
+        logger.exception("persisting run %s failed; nothing was written", run.id)
+        return _finish(run, RunStatus.DEGRADED, error=f"persist failed, nothing was saved: {type(exc).__name__}: {exc}")
+    report(RunStage.PERSIST, {"seconds": round(time.perf_counter() - start, 3), "rows": len(output.scored)})
+    return _finish(run, RunStatus.SUCCEEDED)
+
+
+def _training_window(params: dict) -> TrainingWindow:
+    try:
+        until = pd.Timestamp(params["train_until"]) if params.get("train_until") else None
+        if until is not None and until.tzinfo is None:
+            until = until.tz_localize("UTC")
+        rows = int(params["train_rows_per_device"]) if params.get("train_rows_per_device") else None
+        return TrainingWindow(train_until=until, train_rows_per_device=rows, score=params.get("score", "all"))
+    except (ValueError, TypeError) as exc:
+        raise PipelineRunError(f"invalid training window {params}: {exc}") from None
+
+
+def _finish(run: PipelineRun, status: str, *, error: str = "") -> PipelineRun:
+    run.status = status
+    run.error = error
+    run.finished_at = timezone.now()
+    if status == RunStatus.SUCCEEDED:
+        run.stage = RunStage.DONE
+    run.save(update_fields=["status", "error", "finished_at", "stage", "warnings", "stage_timings", "row_counts",
+                            "model_version", "baseline_version", "n_scored", "n_anomalies", "threshold"])
+    return run
+
+
+def _persist(run: PipelineRun, output: PipelineOutput, config: PipelineConfig) -> None:
+    """Write baseline version, model version and every scoring decision in one transaction.
+
+    Artifacts are written first (atomically, each to its own new file); if the transaction fails
+    they are removed again, so a failed persist leaves nothing behind.
+    """
+    fleet = run.fleet
+    artifact_dir = Path(settings.VIGIL_ARTIFACT_DIR) / fleet.name
+    written: list[Path] = []
+    try:
+        with transaction.atomic():
+            baseline = None
+            if output.baselines is not None:
+                number = (BaselineVersion.objects.filter(fleet=fleet).aggregate(n=Max("number"))["n"] or 0) + 1
+                path = artifact_dir / f"baseline-v{number}-run{run.id}.pkl"
+                checksum = save_artifact(output.baselines, path, kind="baselines")
+                written.append(path)
+                now = timezone.now()
+                BaselineVersion.objects.filter(fleet=fleet, is_active=True).update(is_active=False, valid_to=now)
+                baseline = BaselineVersion.objects.create(
+                    fleet=fleet, number=number, is_active=True, levels=list(output.baselines.levels),
+                    feature_list=output.baselines.features, min_rows=output.baselines.min_rows,
+                    row_count=output.training_rows, artifact_path=str(path), artifact_checksum=checksum,
+                    format_version=FORMAT_VERSION, source="pipeline", reason=f"computed by pipeline run {run.id}",
+                    created_by=run.started_by, run=run)
+                stats = output.baselines.stats
+                bulk_insert(BaselineStatistic, ["version_id", "level", "group_key", "feature", "median", "mad",
+                                                "row_count", "fallback_level"],
+                            ((baseline.id, *row) for row in stats[["level", "group_key", "feature", "median", "mad",
+                                                                   "count", "fallback_level"]].itertuples(
+                                index=False, name=None)))
+            version = (ModelVersion.objects.filter(fleet=fleet).aggregate(n=Max("version"))["n"] or 0) + 1
+            path = artifact_dir / f"model-v{version}-run{run.id}.pkl"
+            detector = output.detector
+            checksum = save_artifact({"detector": detector, "config": config, "model_features": output.model_features},
+                                     path, kind="model")
+            written.append(path)
+            ModelVersion.objects.filter(fleet=fleet, status=ModelStatus.PRODUCTION).update(status=ModelStatus.RETIRED)
+            model = ModelVersion.objects.create(
+                fleet=fleet, version=version, algorithm=config.algorithm, params=_jsonable(detector.params()),
+                feature_list=detector.features_, feature_domain_weights=detector.weights_,
+                training_rows=output.training_rows, training_seconds=output.timings.get("train", 0.0),
+                metrics=_model_metrics(output), status=ModelStatus.PRODUCTION, baseline_version=baseline, run=run,
+                artifact_path=str(path), artifact_checksum=checksum, format_version=FORMAT_VERSION)
+            result = output.result
+            scored = output.scored
+            bulk_insert(AnomalyResult, ["run_id", "fleet_id", "device_id", "timestamp", "anomaly_score", "label",
+                                        "threshold", "severity", "model_version_id", "baseline_version_id",
+                                        "top_metrics"],
+                        zip([run.id] * len(scored), [fleet.id] * len(scored), scored["device_id"].tolist(),
+                            list(scored["timestamp"]), result.scores.tolist(),
+                            result.labels.tolist(), [result.threshold] * len(scored), result.severity.tolist(),
+                            [model.id] * len(scored), [baseline.id if baseline else None] * len(scored),
+                            result.top_metrics))
+            run.model_version, run.baseline_version = model, baseline
+            run.n_scored, run.n_anomalies, run.threshold = len(scored), result.n_anomalies, result.threshold
+    except Exception:
+        for path in written:
+            path.unlink(missing_ok=True)
+        run.model_version = run.baseline_version = None
+        run.n_scored = run.n_anomalies = 0
+        run.threshold = None
+        raise
+
+
+def _model_metrics(output: PipelineOutput) -> dict:
+    scores = output.result.scores
+    return {
+        "threshold": output.result.threshold,
+        "anomaly_rate": round(output.result.n_anomalies / max(len(scores), 1), 5),
+        "score_quantiles": {q: round(float(pd.Series(scores).quantile(q)), 5) for q in (0.5, 0.9, 0.99)},
+        "dropped_features": getattr(output.detector, "dropped_", {}),
+        "training_seconds": output.timings.get("train"),
+    }
+
+
+def _jsonable(params: dict) -> dict:
+    return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in params.items()}
+
+
+
+def fleet_delete(*, fleet: Fleet) -> None:
+    """Delete a fleet with everything it owns. Results go first: they protect their model and
+    baseline versions, and deleting them in one statement spares Django collecting them row by row."""
+    with transaction.atomic():
+        AnomalyResult.objects.filter(fleet=fleet).delete()
+        fleet.delete()
