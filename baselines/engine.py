@@ -121,23 +121,24 @@ def compute_baselines(
 
 def apply_baselines(
     df: pd.DataFrame, baselines: BaselineSet, levels: tuple[str, ...] | list[str] = ("cohort",),
-    *, features: list[str] | None = None,
+    *, features: list[str] | None = None, join: bool = True,
 ) -> pd.DataFrame:
-    """Add robust z-score columns ``{feature}_z_{level}`` for each requested level.
+    """Robust z-score columns ``{feature}_z_{level}`` for each requested level.
 
     df: rows x (group columns + features). Rows whose group was not seen when the baselines were
     computed take the parent level's statistics (a new device gets its cohort's). Returns a new
-    frame; the input is not modified. Raises BaselineError for a level not in the set.
+    frame: df with the z columns added (join=True), or the z columns alone on df's index
+    (join=False, which spares copying a wide input). Raises BaselineError for a level not in the set.
     """
     features = features or baselines.features
-    z_cols: dict[str, np.ndarray] = {}
+    x = df[features].to_numpy(dtype="float64")
+    blocks, names = [], []
     for level in levels:
         median, mad, _ = lookup(df, baselines, level, features)
-        x = df[features].to_numpy(dtype="float64")
-        z = (x - median) / (MAD_TO_SIGMA * mad)
-        for j, f in enumerate(features):
-            z_cols[f"{f}_z_{level}"] = z[:, j]
-    return pd.concat([df, pd.DataFrame(z_cols, index=df.index)], axis=1)
+        blocks.append((x - median) / (MAD_TO_SIGMA * mad))
+        names += [f"{f}_z_{level}" for f in features]
+    z = pd.DataFrame(np.hstack(blocks), index=df.index, columns=names)
+    return pd.concat([df, z], axis=1) if join else z
 
 
 def lookup(

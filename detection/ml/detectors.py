@@ -124,6 +124,10 @@ class AnomalyDetector:
         from sklearn.preprocessing import StandardScaler
 
         self.preflight(X, features)
+        self.training_rows_ = len(X)
+        # Isolation Forest sees max_samples (256) rows per tree; a seeded sample of the training
+        # rows gives the same forest statistically, and the imputation/scaling statistics with it.
+        X = self._threshold_rows(X)
         raw = X[features].to_numpy(dtype="float64")
         raw[~np.isfinite(raw)] = np.nan
         medians = np.nanmedian(raw, axis=0)
@@ -144,14 +148,24 @@ class AnomalyDetector:
         self.forest_ = IsolationForest(
             n_estimators=self.config.n_estimators, contamination="auto",
             random_state=self.config.random_state, max_samples=self.config.max_samples, n_jobs=self.config.n_jobs,
-        ).fit(np.repeat(self.transform(X), self.repeats_, axis=1))
-        self.training_rows_ = len(X)
+        ).fit(self._forest_matrix(X))
         self.threshold_ = self._fit_threshold(X)
         return self
 
+    THRESHOLD_SAMPLE = 200_000
+
+    def _threshold_rows(self, X: pd.DataFrame) -> pd.DataFrame:
+        """At most THRESHOLD_SAMPLE training rows, drawn with the detector's seed. The 0.97 quantile
+        of 200,000 draws is within about 0.04 percentage points of the full one, at a fraction of
+        the cost of scoring every training row again."""
+        if len(X) <= self.THRESHOLD_SAMPLE:
+            return X
+        rng = np.random.default_rng(self.config.random_state)
+        return X.iloc[np.sort(rng.choice(len(X), self.THRESHOLD_SAMPLE, replace=False))]
+
     def _fit_threshold(self, X: pd.DataFrame) -> float:
         """The training-score quantile at 1 - contamination."""
-        return float(np.quantile(self.score_samples(X), 1 - self.config.contamination))
+        return float(np.quantile(self.score_samples(self._threshold_rows(X)), 1 - self.config.contamination))
 
     # -- scoring ----------------------------------------------------------------------------
     def transform(self, X: pd.DataFrame) -> np.ndarray:
@@ -161,7 +175,16 @@ class AnomalyDetector:
         return self.scaler_.transform(raw) if self.scaler_ is not None else raw
 
     def _forest_scores(self, X: pd.DataFrame) -> np.ndarray:
-        return -self.forest_.score_samples(np.repeat(self.transform(X), self.repeats_, axis=1))
+        from joblib import parallel_backend
+
+        # sklearn scores the trees sequentially unless a joblib backend says otherwise; threads
+        # work here because tree traversal releases the GIL.
+        with parallel_backend("threading", n_jobs=self.config.n_jobs):
+            return -self.forest_.score_samples(self._forest_matrix(X))
+
+    def _forest_matrix(self, X: pd.DataFrame) -> np.ndarray:
+        """transform(X) with each column repeated by its weight, in float32 (the trees' own dtype)."""
+        return np.repeat(self.transform(X).astype(np.float32), self.repeats_, axis=1)
 
     def score_samples(self, X: pd.DataFrame) -> np.ndarray:
         """Anomaly score per row (higher = more anomalous); for the forest, minus sklearn's score_samples,
@@ -198,6 +221,7 @@ class HybridAnomalyDetector(AnomalyDetector):
         return self
 
     def _fit_threshold(self, X: pd.DataFrame) -> float:
+        X = self._threshold_rows(X)
         forest, temporal = self._forest_scores(X), self._temporal(X)
         self.scales_ = (_robust_center_scale(forest), _robust_center_scale(temporal))
         return float(np.quantile(self._fuse(forest, temporal), 1 - self.config.contamination))

@@ -60,7 +60,7 @@ def in_windows(rows: pd.DataFrame, windows: pd.DataFrame, *, key: str = "device_
     out = np.zeros(len(rows), dtype=bool)
     if windows.empty or rows.empty:
         return out
-    ts = rows["timestamp"].to_numpy()
+    ts = rows["timestamp"].to_numpy(dtype="datetime64[ns]")
     keys = rows[key].to_numpy()
     for k, group in windows.groupby(key):
         sel = np.flatnonzero(keys == k)
@@ -68,7 +68,8 @@ def in_windows(rows: pd.DataFrame, windows: pd.DataFrame, *, key: str = "device_
             continue
         t = ts[sel]
         hit = np.zeros(len(sel), dtype=bool)
-        for start, end in zip(group["start"].to_numpy(), group["end"].to_numpy()):
+        for start, end in zip(group["start"].to_numpy(dtype="datetime64[ns]"),
+                              group["end"].to_numpy(dtype="datetime64[ns]")):
             hit |= (t >= start) & (t <= end)
         out[sel] = hit
     return out

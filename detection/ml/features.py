@@ -103,7 +103,7 @@ def build_features(df: pd.DataFrame, metrics: list[str], config: FeatureConfig |
 
 def _check_sorted(df: pd.DataFrame) -> None:
     dev = df["device_id"].to_numpy()
-    ts = df["timestamp"].to_numpy()
+    ts = df["timestamp"].to_numpy(dtype="datetime64[ns]")
     same = dev[1:] == dev[:-1]
     if np.any(dev[1:] < dev[:-1]) or np.any(same & (ts[1:] <= ts[:-1])):
         raise ValueError("telemetry frame must be sorted by device_id then timestamp, without duplicates")

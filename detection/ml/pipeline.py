@@ -142,14 +142,19 @@ def run_core(df: pd.DataFrame, *, metrics: list[str], metric_domain: dict[str, s
     feature_metric = ff.feature_metric
     feature_domain = {f: metric_domain.get(m, "other") for f, m in feature_metric.items()}
     train_mask = config.window.training_mask(frame)
+    everything = bool(train_mask.all())
+
+    def training_rows(f: pd.DataFrame) -> pd.DataFrame:
+        return f if everything else f.loc[train_mask]  # no million-row copy when all rows train
+
     if not train_mask.any():
         raise StageError("train", "the training window selects no rows")
-    empty = [f for f in ff.model_features if not frame.loc[train_mask, f].notna().any()]
+    empty = [f for f in ff.model_features if not training_rows(frame[f]).notna().any()]
     if empty:
         warnings.append(f"{len(empty)} engineered feature(s) have no values in the training window and were "
                         f"left out: {', '.join(empty)}")
     usable = [f for f in ff.model_features if f not in empty]
-    blank_metrics = [m for m in metrics if m in usable and not frame.loc[train_mask, m].notna().any()]
+    blank_metrics = [m for m in metrics if m in usable and not training_rows(frame[m]).notna().any()]
     if blank_metrics:
         raise StageError("train", f"metric(s) with no values in the training window: {', '.join(blank_metrics)}")
 
@@ -158,21 +163,24 @@ def run_core(df: pd.DataFrame, *, metrics: list[str], metric_domain: dict[str, s
         try:
             levels = tuple(dict.fromkeys([*config.baseline_levels, config.z_level]))
             baselines = compute_baselines(
-                frame.loc[train_mask], usable, levels, min_rows=config.baseline_min_rows,
+                training_rows(frame), usable, levels, min_rows=config.baseline_min_rows,
                 cohort_columns=config.features.cohort_columns, seed=config.detector.random_state)
-            frame = apply_baselines(frame, baselines, (config.z_level,), features=usable)
-            model_features = [f"{f}_z_{config.z_level}" for f in usable]
+            model_frame = apply_baselines(frame, baselines, (config.z_level,), features=usable, join=False)
+            model_features = list(model_frame.columns)
             s.rows = len(baselines.stats)
         except Exception as exc:  # any failure here degrades to raw features, by design
             logger.warning("baselines failed, falling back to raw features: %s", exc)
             warnings.append(f"baselines failed ({exc}); the model was trained on raw features instead")
             baselines, model_features = None, usable
+            model_frame = frame[usable]
             s.rows = 0
+    # The detectors see only their inputs: the (z-scored) features and the temporal residuals.
+    model_frame = model_frame.join(frame[ff.resid_features])
 
     detector_cls = DETECTORS[config.algorithm]
     detector = detector_cls(config.detector, feature_domain={**feature_domain, **{
         f"{f}_z_{config.z_level}": feature_domain[f] for f in usable}}, domain_weights=config.domain_weights)
-    train = frame.loc[train_mask]
+    train = training_rows(model_frame)
     with stage("train") as s:
         try:
             if config.algorithm == "hybrid":
@@ -189,13 +197,15 @@ def run_core(df: pd.DataFrame, *, metrics: list[str], metric_domain: dict[str, s
             warnings.append(f"{len(detector.dropped_)} near-constant feature(s) dropped: "
                             f"{', '.join(sorted(detector.dropped_))}")
 
-    score_rows = frame if config.window.score == "all" else frame.loc[~train_mask]
+    score_mask = np.ones(len(frame), dtype=bool) if config.window.score == "all" else ~train_mask
+    score_rows = model_frame if config.window.score == "all" else model_frame.loc[score_mask]
     if score_rows.empty:
         raise StageError("score", "no rows to score after the training window")
     with stage("score") as s:
         try:
             result = score_frame(
-                detector, score_rows, features=usable, feature_metric=feature_metric, metric_domain=metric_domain,
+                detector, score_rows, explain=frame if config.window.score == "all" else frame.loc[score_mask],
+                features=usable, feature_metric=feature_metric, metric_domain=metric_domain,
                 baselines=baselines, level=config.z_level, top_k=config.top_k,
                 severity_bands=config.severity_bands)
         except Exception as exc:
@@ -203,7 +213,7 @@ def run_core(df: pd.DataFrame, *, metrics: list[str], metric_domain: dict[str, s
             raise StageError("score", f"{type(exc).__name__}: {exc}") from exc
         s.rows = len(score_rows)
 
-    scored = score_rows[["device_id", "external_id", "timestamp"]].reset_index(drop=True)
+    scored = frame.loc[score_mask, ["device_id", "external_id", "timestamp"]].reset_index(drop=True)
     return PipelineOutput(scored, result, detector, baselines, model_features, warnings, timings, counts,
                           int(train_mask.sum()))
 

@@ -44,13 +44,14 @@ def severity_from_z(max_abs_z: np.ndarray, bands: tuple[float, float, float] = (
 
 
 def score_frame(
-    detector, frame: pd.DataFrame, *, features: list[str], feature_metric: dict[str, str],
+    detector, frame: pd.DataFrame, *, explain: pd.DataFrame, features: list[str], feature_metric: dict[str, str],
     metric_domain: dict[str, str], baselines: BaselineSet | None, level: str = "cohort", top_k: int = 5,
     severity_bands: tuple[float, float, float] = (4.0, 6.0, 10.0),
 ) -> ScoreResult:
     """Score every row of `frame` and explain the anomalies.
 
-    frame: rows x (features, their ``_z_{level}`` columns when baselines is given, group columns).
+    frame: rows x the detector's input columns. explain: the same rows (same order) with the
+        engineered features and group columns, read for the anomalies only.
     features: the engineered (un-normalised) features whose z-scores rank the metrics.
     Without baselines (the fall-back path), z-scores are taken against the detector's training
     mean and standard deviation and the level is reported as "training".
@@ -61,7 +62,7 @@ def score_frame(
     top: list[list[dict]] = [[] for _ in range(len(frame))]
     idx = np.flatnonzero(labels == -1)
     if len(idx):
-        rows = frame.iloc[idx]
+        rows = explain.iloc[idx]
         explained = top_metrics(rows, features=features, feature_metric=feature_metric, metric_domain=metric_domain,
                                 baselines=baselines, level=level, detector=detector, top_k=top_k)
         max_z = np.array([abs(t[0]["z"]) if t and t[0]["z"] is not None else 0.0 for t in explained])

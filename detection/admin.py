@@ -1,0 +1,67 @@
+"""Admin for the detection models. List pages stay cheap: joins are selected up front, big tables
+(telemetry, results) skip the full-table count, and foreign keys to them are raw ids, not dropdowns.
+"""
+from django.contrib import admin
+from simple_history.admin import SimpleHistoryAdmin
+
+from .models import AnomalyResult, Device, Fleet, GroundTruthLabel, ModelVersion, PipelineRun, Telemetry
+
+
+@admin.register(Fleet)
+class FleetAdmin(admin.ModelAdmin):
+    list_display = ["name", "description", "created_at"]
+    search_fields = ["name", "description"]
+
+
+@admin.register(Device)
+class DeviceAdmin(admin.ModelAdmin):
+    list_display = ["external_id", "fleet", "manufacturer", "model", "os_version", "store", "customer"]
+    list_filter = ["fleet"]
+    list_select_related = ["fleet"]
+    search_fields = ["external_id", "store", "customer"]
+    show_full_result_count = False
+
+
+@admin.register(Telemetry)
+class TelemetryAdmin(admin.ModelAdmin):
+    list_display = ["device", "fleet", "timestamp"]
+    list_select_related = ["device", "fleet"]
+    raw_id_fields = ["fleet", "device"]
+    search_fields = ["device__external_id"]
+    show_full_result_count = False
+
+
+@admin.register(GroundTruthLabel)
+class GroundTruthLabelAdmin(admin.ModelAdmin):
+    list_display = ["device", "fleet", "start", "end", "kind", "metric", "source"]
+    list_filter = ["fleet", "kind", "source"]
+    list_select_related = ["device", "fleet"]
+    raw_id_fields = ["fleet", "device"]
+
+
+@admin.register(PipelineRun)
+class PipelineRunAdmin(admin.ModelAdmin):
+    # Plain ModelAdmin: PipelineRun has no HistoricalRecords, so SimpleHistoryAdmin's history view would fail.
+    list_display = ["id", "fleet", "status", "stage", "trigger", "n_scored", "n_anomalies", "created_at",
+                    "finished_at"]
+    list_filter = ["status", "trigger", "fleet"]
+    list_select_related = ["fleet"]
+    raw_id_fields = ["model_version", "baseline_version", "started_by"]
+
+
+@admin.register(ModelVersion)
+class ModelVersionAdmin(SimpleHistoryAdmin):
+    list_display = ["__str__", "fleet", "version", "algorithm", "status", "training_rows", "created_at"]
+    list_filter = ["status", "algorithm", "fleet"]
+    list_select_related = ["fleet"]
+    raw_id_fields = ["baseline_version", "run"]
+
+
+@admin.register(AnomalyResult)
+class AnomalyResultAdmin(admin.ModelAdmin):
+    list_display = ["timestamp", "device", "fleet", "run", "label", "severity", "anomaly_score", "threshold"]
+    list_filter = ["label", "severity"]
+    list_select_related = ["device", "fleet", "run"]
+    raw_id_fields = ["run", "fleet", "device", "model_version", "baseline_version"]
+    search_fields = ["device__external_id"]
+    show_full_result_count = False

@@ -1,0 +1,38 @@
+"""Template filters for the detection pages."""
+from __future__ import annotations
+
+from django import template
+
+from detection.choices import RunStage
+from detection.models import PipelineRun
+
+register = template.Library()
+
+_STAGE_ORDER = {stage: i for i, stage in enumerate(RunStage.values)}
+
+
+@register.filter
+def seconds(value: float | None) -> str:
+    """A duration in seconds as "0.42 s", "12.3 s", "4m 05s" or "2h 03m"; "–" when unknown."""
+    if value is None or value == "":
+        return "–"
+    value = float(value)
+    if value < 10:
+        return f"{value:.2f} s"
+    if value < 60:
+        return f"{value:.1f} s"
+    minutes, secs = divmod(round(value), 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
+
+
+@register.filter
+def stage_breakdown(run: PipelineRun) -> list[dict]:
+    """[{stage, label, seconds, rows}] from run.stage_timings and run.row_counts, in pipeline order."""
+    timings, rows = run.stage_timings or {}, run.row_counts or {}
+    stages = sorted({*timings, *rows}, key=lambda s: (_STAGE_ORDER.get(s, len(_STAGE_ORDER)), s))
+    labels = dict(RunStage.choices)
+    return [{"stage": s, "label": labels.get(s, s), "seconds": timings.get(s), "rows": rows.get(s)}
+            for s in stages]
