@@ -8,7 +8,12 @@ Levels and their group columns:
     device   -> external_id
 A group with fewer than ``min_rows`` non-missing values of a feature takes its parent's statistics
 (device -> cohort -> global, store -> customer -> global), and so does a group whose MAD is 0
-(a constant feature within the group). The robust z-score is (x - median) / (1.4826 * MAD)
+(a constant feature within the group).
+
+The MAD is floored at the MAD-equivalent of the mean absolute deviation (1.2533/1.4826 times it).
+Both estimate the same sigma on normal data, so the floor changes nothing there; on zero-inflated
+telemetry (network traffic that is near 0 all night), the plain MAD collapses to the night-time
+noise and turns every daytime value into a "20-sigma" outlier, while the floored one does not. The robust z-score is (x - median) / (1.4826 * MAD)
 (Iglewicz & Hoaglin, "How to Detect and Handle Outliers", 1993; Rousseeuw & Croux, 1993).
 """
 from __future__ import annotations
@@ -20,6 +25,8 @@ import numpy as np
 import pandas as pd
 
 MAD_TO_SIGMA = 1.4826
+# Mean absolute deviation -> MAD for normal data: sigma = 1.2533 * meanAD = 1.4826 * MAD.
+MEAN_AD_TO_MAD = 1.2533 / MAD_TO_SIGMA
 LEVELS = ("global", "cohort", "store", "customer", "device")
 PARENT = {"global": None, "cohort": "global", "customer": "global", "store": "customer", "device": "cohort"}
 STAT_COLUMNS = ["level", "group_key", "feature", "median", "mad", "count", "fallback_level"]
@@ -202,7 +209,8 @@ def _group_median_mad(df, values, cols, max_rows_per_group, seed):
             x = x[np.random.default_rng(seed).choice(len(x), max_rows_per_group, replace=False)]
         with np.errstate(all="ignore"):
             med = np.nanmedian(x, axis=0)
-            mad = np.nanmedian(np.abs(x - med), axis=0)
+            deviation = np.abs(x - med)
+            mad = np.fmax(np.nanmedian(deviation, axis=0), MEAN_AD_TO_MAD * np.nanmean(deviation, axis=0))
         index = pd.Index(["all"])
         return (pd.DataFrame([med], index=index, columns=values.columns),
                 pd.DataFrame([mad], index=index, columns=values.columns),
@@ -218,7 +226,8 @@ def _group_median_mad(df, values, cols, max_rows_per_group, seed):
     x, kept_codes = values.to_numpy()[keep], codes[keep]
     median = pd.DataFrame(x).groupby(kept_codes, sort=True).median()
     # Broadcasting the group medians by code is much cheaper than groupby().transform("median").
-    mad = pd.DataFrame(np.abs(x - median.to_numpy()[kept_codes])).groupby(kept_codes, sort=True).median()
+    deviation = pd.DataFrame(np.abs(x - median.to_numpy()[kept_codes])).groupby(kept_codes, sort=True)
+    mad = np.fmax(deviation.median(), MEAN_AD_TO_MAD * deviation.mean())
     median.index, median.columns = count.index, values.columns
     mad.index, mad.columns = count.index, values.columns
     return median, mad, count

@@ -8,13 +8,18 @@ import pytest
 from baselines.engine import BaselineError, apply_baselines, compute_baselines, lookup
 
 
+# Deviations from the median in one cycle: median |d| = 1 and mean |d| = 1.4826/1.2533, so the
+# MAD and its mean-absolute-deviation floor agree at exactly 1.
+_CYCLE = [-2 * 1.4826 / 1.2533 + 1, -1, 0, 1, 2 * 1.4826 / 1.2533 - 1]
+
+
 def _frame():
-    # Two cohorts: A (devices a1, a2) with battery around 80, B (device b1) around 40.
+    # Two cohorts: A (devices a1, a2) with battery around 80 and 82, B (device b1) around 40.
     rows = []
     for dev, manu, base, n in (("a1", "A", 80.0, 40), ("a2", "A", 82.0, 40), ("b1", "B", 40.0, 10)):
         for i in range(n):
             rows.append({"external_id": dev, "manufacturer": manu, "model": "m", "os_version": "1",
-                         "store": "s1", "customer": "c1", "battery": base + (i % 5) - 2})
+                         "store": "s1", "customer": "c1", "battery": base + _CYCLE[i % 5]})
     return pd.DataFrame(rows)
 
 
@@ -28,9 +33,13 @@ def _stat(bs, level, feature, **key):
 def test_cohort_median_and_mad_are_computed_per_group():
     bs = compute_baselines(_frame(), ["battery"], ("cohort",), min_rows=5)
     a = _stat(bs, "cohort", "battery", manufacturer="A", model="m", os_version="1")
-    # values 78..82 (a1) and 80..84 (a2): median 81, |x-81| has median 1
+    x = _frame().query("manufacturer == 'A'")["battery"]
+    deviation = (x - 81.0).abs()
     assert a["median"] == pytest.approx(81.0)
-    assert a["mad"] == pytest.approx(1.0)
+    assert a["mad"] == pytest.approx(max(deviation.median(), 1.2533 / 1.4826 * deviation.mean()))
+    bs_dev = compute_baselines(_frame(), ["battery"], ("device",), min_rows=5)
+    d = _stat(bs_dev, "device", "battery", external_id="a1")
+    assert d["median"] == pytest.approx(80.0) and d["mad"] == pytest.approx(1.0)
     assert a["count"] == 80
     assert a["fallback_level"] == ""
 
@@ -59,11 +68,27 @@ def test_zero_mad_group_falls_back_instead_of_dividing_by_zero():
 
 def test_robust_z_score_uses_mad_consistency_constant():
     df = _frame()
-    bs = compute_baselines(df, ["battery"], ("cohort",), min_rows=5)
+    bs = compute_baselines(df, ["battery"], ("device",), min_rows=5)
     probe = df.iloc[[0]].copy()
-    probe["battery"] = 81.0 + 1.4826 * 3  # three robust standard deviations above cohort A's median
-    z = apply_baselines(probe, bs, ("cohort",))["battery_z_cohort"].iloc[0]
+    probe["battery"] = 80.0 + 1.4826 * 3  # three robust standard deviations above device a1's median
+    z = apply_baselines(probe, bs, ("device",))["battery_z_device"].iloc[0]
     assert z == pytest.approx(3.0)
+
+
+def test_mad_is_floored_for_zero_inflated_features():
+    # Network traffic: ~0 for 16 hours a day, 10-30 MB for 8. The plain MAD is the night-time
+    # noise (0.05) and would make every daytime hour a 100-sigma outlier; the floored MAD does not.
+    night = np.tile([0.0, 0.1, 0.05, 0.02], 400)
+    day = np.tile([10.0, 20.0, 30.0, 15.0], 200)
+    df = pd.DataFrame({"external_id": "d", "traffic": np.r_[night, day]})
+    bs = compute_baselines(df, ["traffic"], ("global",), max_rows_per_group=len(df))
+    row = _stat(bs, "global", "traffic")
+    x = df["traffic"]
+    plain_mad = (x - x.median()).abs().median()
+    assert plain_mad < 0.1
+    assert row["mad"] == pytest.approx(1.2533 / 1.4826 * (x - x.median()).abs().mean(), rel=0.01)
+    z = apply_baselines(df, bs, ("global",))["traffic_z_global"]
+    assert z.max() < 6
 
 
 def test_cohort_baseline_does_not_flag_a_cohort_that_is_normally_different():
