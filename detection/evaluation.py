@@ -27,6 +27,10 @@ SKAB_FLEET_CONFIG = {
     # Each file is its own experiment with its own operating point: normalise each against its
     # own reference period (device level).
     "z_level": "device",
+    # The reference period is 400 s: a device baseline from it cannot stand for the rest of the
+    # experiment, so the hybrid's temporal part compares each second with the previous window.
+    "hybrid_temporal": "residual",
+    "hybrid_temporal_weight": 0.5,
 }
 
 

