@@ -51,7 +51,8 @@ class BaselineVersion(models.Model):
 class BaselineStatistic(models.Model):
     """Median and MAD of one feature for one group at one level (after fall-back)."""
 
-    version = models.ForeignKey(BaselineVersion, on_delete=models.CASCADE, related_name="statistics")
+    version = models.ForeignKey(BaselineVersion, on_delete=models.CASCADE, related_name="statistics",
+                                db_index=False)  # leads the lookup index below
     level = models.CharField(max_length=20)
     group_key = models.CharField(max_length=300)
     feature = models.CharField(max_length=200)

@@ -76,8 +76,12 @@ class Device(models.Model):
 class Telemetry(models.Model):
     """One sample of a device: the fleet's metric values at a timestamp ({metric: float|null})."""
 
-    fleet = models.ForeignKey(Fleet, on_delete=models.CASCADE, related_name="+")
-    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="telemetry")
+    # Both foreign keys are covered by the composite indexes below; their own indexes would only
+    # slow bulk ingest down. The fleet is implied by the device, so its database constraint (a
+    # deferred check per row at commit) is left out; Django still cascades deletes.
+    fleet = models.ForeignKey(Fleet, on_delete=models.CASCADE, related_name="+", db_index=False,
+                              db_constraint=False)
+    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="telemetry", db_index=False)
     timestamp = models.DateTimeField()
     values = models.JSONField()
 
@@ -189,17 +193,23 @@ class AnomalyResult(models.Model):
     ordered by |z| (robust z-score against the baseline level that applied).
     """
 
-    run = models.ForeignKey(PipelineRun, on_delete=models.CASCADE, related_name="results")
-    fleet = models.ForeignKey(Fleet, on_delete=models.CASCADE, related_name="+")
-    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="results")
+    # A run persists up to millions of rows in one go, so every index costs: the foreign keys rely
+    # on the composite indexes below (run, fleet, device lead one each), and model and baseline
+    # versions are only looked up from results when one is deleted, which is rare.
+    run = models.ForeignKey(PipelineRun, on_delete=models.CASCADE, related_name="results", db_index=False)
+    fleet = models.ForeignKey(Fleet, on_delete=models.CASCADE, related_name="+", db_index=False,
+                              db_constraint=False)  # implied by the run
+    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="results", db_index=False)
     timestamp = models.DateTimeField()
     anomaly_score = models.FloatField()
     label = models.SmallIntegerField(choices=Label.choices)
     threshold = models.FloatField()
     severity = models.CharField(max_length=10, choices=Severity.choices, blank=True)
-    model_version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="results")
+    model_version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="results",
+                                      db_index=False)
     baseline_version = models.ForeignKey(
-        "baselines.BaselineVersion", null=True, blank=True, on_delete=models.PROTECT, related_name="results"
+        "baselines.BaselineVersion", null=True, blank=True, on_delete=models.PROTECT, related_name="results",
+        db_index=False,
     )
     top_metrics = models.JSONField(default=list, blank=True)
 

@@ -20,7 +20,7 @@ from django.utils import timezone
 from baselines.models import BaselineStatistic, BaselineVersion
 
 from .choices import ModelStatus, RunStage, RunStatus, Trigger
-from .ingest.bulk import bulk_insert
+from .ingest.bulk import bulk_insert, bulk_insert_columns
 from .ingest.loader import load_telemetry_frame
 from .ml.artifacts import FORMAT_VERSION, save_artifact
 from .ml.pipeline import PipelineConfig, PipelineOutput, StageError, TrainingWindow, run_core
@@ -175,14 +175,12 @@ def _persist(run: PipelineRun, output: PipelineOutput, config: PipelineConfig) -
                 artifact_path=str(path), artifact_checksum=checksum, format_version=FORMAT_VERSION)
             result = output.result
             scored = output.scored
-            bulk_insert(AnomalyResult, ["run_id", "fleet_id", "device_id", "timestamp", "anomaly_score", "label",
-                                        "threshold", "severity", "model_version_id", "baseline_version_id",
-                                        "top_metrics"],
-                        zip([run.id] * len(scored), [fleet.id] * len(scored), scored["device_id"].tolist(),
-                            list(scored["timestamp"]), result.scores.tolist(),
-                            result.labels.tolist(), [result.threshold] * len(scored), result.severity.tolist(),
-                            [model.id] * len(scored), [baseline.id if baseline else None] * len(scored),
-                            result.top_metrics))
+            bulk_insert_columns(AnomalyResult, {
+                "run_id": run.id, "fleet_id": fleet.id, "device_id": scored["device_id"].to_numpy(),
+                "timestamp": scored["timestamp"], "anomaly_score": result.scores, "label": result.labels,
+                "threshold": result.threshold, "severity": result.severity, "model_version_id": model.id,
+                "baseline_version_id": baseline.id if baseline else None, "top_metrics": result.top_metrics,
+            })
             run.model_version, run.baseline_version = model, baseline
             run.n_scored, run.n_anomalies, run.threshold = len(scored), result.n_anomalies, result.threshold
     except Exception:

@@ -131,14 +131,10 @@ def test_training_failure_fails_the_run_with_a_clear_error(fleet):
 def test_persist_failure_degrades_the_run_and_leaves_nothing_half_written(fleet, monkeypatch, settings):
     from detection import services
 
-    real = services.bulk_insert
-
     def failing(model, *args, **kwargs):
-        if model is AnomalyResult:
-            raise OSError("connection lost")
-        return real(model, *args, **kwargs)
+        raise OSError("connection lost")
 
-    monkeypatch.setattr(services, "bulk_insert", failing)
+    monkeypatch.setattr(services, "bulk_insert_columns", failing)  # after baseline statistics are written
     run = _run(fleet)
     assert run.status == RunStatus.DEGRADED and "connection lost" in run.error
     assert not ModelVersion.objects.exists() and not BaselineVersion.objects.exists()

@@ -5,12 +5,25 @@ and return an IngestBatch. detection.ingest.loader writes a batch in one transac
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import pandas as pd
 
 DEVICE_COLUMNS = ["external_id", "manufacturer", "model", "os_version", "store", "customer"]
+DEVICE_ATTRIBUTES = DEVICE_COLUMNS[1:]
 LABEL_COLUMNS = ["external_id", "start", "end", "kind", "metric", "source"]
+
+# Metric names become JSON keys and SQL literals (loader.load_telemetry_frame), so they are plain
+# identifiers, and never one of the frame columns they sit next to.
+METRIC_NAME_RE = re.compile(r"[A-Za-z0-9_]+")
+RESERVED_METRIC_NAMES = frozenset({"fleet_id", "device_id", "timestamp", *DEVICE_COLUMNS})
+
+
+def metric_identifier(name: str) -> str:
+    """snake_case identifier for a column name: "Volume Flow RateRMS" -> "volume_flow_rate_rms"."""
+    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name.strip())
+    return re.sub(r"[^A-Za-z0-9]+", "_", spaced).strip("_").lower() or "metric"
 
 
 @dataclass(frozen=True)
