@@ -29,6 +29,8 @@ def test_preflight_errors_name_the_problem():
     det = AnomalyDetector(CONFIG)
     with pytest.raises(DetectorError, match="missing.*f9"):
         det.fit(X, ["f0", "f9"])
+    with pytest.raises(DetectorError, match="f0_z_cohort.*baselines were not computed"):
+        det.fit(X, ["f0_z_cohort"])
     with pytest.raises(DetectorError, match="too few training rows: 10"):
         det.fit(X.iloc[:10], ["f0"])
     X["empty"] = np.nan

@@ -81,7 +81,7 @@ def _column(field: models.Field, values: Any, n: int, connection) -> Iterable:
             raise ValueError(f"{field.name}: expected timezone-aware datetimes, got dtype {series.dtype}")
         if connection.vendor == "sqlite":
             return _sqlite_datetimes(series).tolist()
-        return series.dt.tz_convert("UTC").dt.to_pydatetime().tolist()
+        return series.dt.tz_convert("UTC").to_numpy(dtype=object).tolist()  # Timestamps are datetimes
     if isinstance(field, models.JSONField):
         return ["[]" if isinstance(v, list) and not v else _json_text(v) for v in values]
     return values.tolist() if isinstance(values, (np.ndarray, pd.Series, pd.Index)) else list(values)

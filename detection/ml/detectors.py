@@ -110,7 +110,9 @@ class AnomalyDetector:
             raise DetectorError("no feature columns were given to train on")
         missing = [f for f in features if f not in X.columns]
         if missing:
-            raise DetectorError(f"feature column(s) missing from the training frame: {', '.join(missing)}")
+            hint = " (baselines were not computed or not applied: run apply_baselines first)" \
+                if any("_z_" in f for f in missing) else ""
+            raise DetectorError(f"feature column(s) missing from the training frame: {', '.join(missing)}{hint}")
         if len(X) < self.config.min_training_rows:
             raise DetectorError(
                 f"too few training rows: {len(X)} (at least {self.config.min_training_rows} are needed)")
