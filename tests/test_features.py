@@ -64,3 +64,11 @@ def test_feature_lists_map_back_to_metrics():
     assert ff.model_features == ["cpu", "cpu_roll_mean", "cpu_roll_std", "cpu_delta", "cpu_cohort_norm"]
     assert ff.resid_features == ["cpu_resid"]
     assert set(ff.feature_metric.values()) == {"cpu"}
+
+
+def test_feature_kind_names_what_each_engineered_column_measures():
+    from detection.ml.features import feature_kind
+
+    assert feature_kind("cpu_pct", "cpu_pct") == "value"
+    assert feature_kind("cpu_pct_delta", "cpu_pct") == "day-over-day change"
+    assert feature_kind("cpu_pct_cohort_norm", "cpu_pct") == "vs cohort, same hour"

@@ -42,7 +42,7 @@ def test_run_persists_every_decision_with_its_versions(fleet):
     assert not results.exclude(model_version=run.model_version).exists()
     assert not results.exclude(baseline_version=run.baseline_version).exists()
     top = anomalies.first().top_metrics
-    assert top and {"metric", "value", "typical", "z", "level"} <= set(top[0])
+    assert top and {"metric", "kind", "value", "typical", "z", "level"} <= set(top[0])
     assert abs(top[0]["z"]) >= abs(top[-1]["z"])
     assert anomalies.exclude(severity="").count() == anomalies.count()
     assert not results.filter(label=1).exclude(severity="").exists()

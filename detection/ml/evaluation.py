@@ -3,9 +3,13 @@
 SKAB's protocol (Katser & Kozitsin, "Skoltech Anomaly Benchmark", 2020; github.com/waico/SKAB):
 outlier-detection quality is F1 with FAR (false alarm rate, FP / (FP + TN)) and MAR (missed alarm
 rate, FN / (FN + TP)), with TP/FP/FN/TN pooled over the scored rows of every file.
+
+Run-to-failure data (C-MAPSS): early_warning measures how many cycles before failure each unit
+first raised an alarm, the prognostics view of a detector (how much warning maintenance gets).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -73,3 +77,62 @@ def in_windows(rows: pd.DataFrame, windows: pd.DataFrame, *, key: str = "device_
             hit |= (t >= start) & (t <= end)
         out[sel] = hit
     return out
+
+
+@dataclass(frozen=True)
+class EarlyWarning:
+    """When units that run to failure first alarm.
+
+    units: units scored. alarmed / never: units with at least one alarm / none. in_window /
+    before_window: alarmed units whose first alarm falls inside / before their degraded window
+    (an alarm before it is premature by the labels, though it may be real early degradation).
+    mean_lead, median_lead: cycles from the first alarm to failure, over alarmed units (None if
+    none alarmed); mean_lead_in_window: the same over the units whose first alarm is in the window.
+    """
+
+    units: int
+    alarmed: int
+    never: int
+    in_window: int
+    before_window: int
+    mean_lead: float | None
+    median_lead: float | None
+    mean_lead_in_window: float | None
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def early_warning(units: np.ndarray, cycles: np.ndarray, alarms: np.ndarray, *, failure: Mapping,
+                  degraded_from: Mapping) -> tuple[EarlyWarning, dict]:
+    """First alarm and lead time per unit.
+
+    units, cycles, alarms: one entry per scored row (unit key, cycle number, bool alarm).
+    failure: {unit: cycle at which it fails}; degraded_from: {unit: first cycle of its degraded
+    window} (units without a window count as "before_window" when they alarm). Every unit in
+    `failure` is counted, scored rows or not. Returns (summary, {unit: {"first_alarm", "lead"}}),
+    lead = failure cycle - first alarm cycle (None if the unit never alarms).
+    Raises ValueError if the arrays differ in length.
+    """
+    units, cycles, alarms = np.asarray(units), np.asarray(cycles, dtype="float64"), np.asarray(alarms, dtype=bool)
+    if not len(units) == len(cycles) == len(alarms):
+        raise ValueError(f"units, cycles and alarms differ in length: {len(units)}, {len(cycles)}, {len(alarms)}")
+    first = pd.Series(cycles[alarms]).groupby(units[alarms]).min().to_dict()
+    per_unit, leads, in_window_leads, in_window = {}, [], [], 0
+    for unit, fails in failure.items():
+        alarm = first.get(unit)
+        lead = float(fails - alarm) if alarm is not None else None
+        per_unit[unit] = {"first_alarm": alarm, "lead": lead}
+        if alarm is None:
+            continue
+        leads.append(lead)
+        start = degraded_from.get(unit)
+        if start is not None and alarm >= start:
+            in_window += 1
+            in_window_leads.append(lead)
+    summary = EarlyWarning(
+        units=len(failure), alarmed=len(leads), never=len(failure) - len(leads), in_window=in_window,
+        before_window=len(leads) - in_window, mean_lead=float(np.mean(leads)) if leads else None,
+        median_lead=float(np.median(leads)) if leads else None,
+        mean_lead_in_window=float(np.mean(in_window_leads)) if in_window_leads else None)
+    return summary, per_unit

@@ -21,6 +21,15 @@ import pandas as pd
 
 MAD_TO_SIGMA = 1.4826  # consistency constant for normally distributed data (Rousseeuw & Croux, 1993)
 MODEL_SUFFIXES = ("", "_roll_mean", "_roll_std", "_delta", "_cohort_norm")
+# What each engineered feature of a metric measures, in words a reviewer reads on the page.
+FEATURE_KINDS = {"": "value", "_roll_mean": "rolling mean", "_roll_std": "rolling std",
+                 "_delta": "day-over-day change", "_cohort_norm": "vs cohort, same hour",
+                 "_resid": "vs previous window"}
+
+
+def feature_kind(feature: str, metric: str) -> str:
+    """The FEATURE_KINDS label of `feature`, one of `metric`'s engineered columns."""
+    return FEATURE_KINDS.get(feature[len(metric):] if feature.startswith(metric) else "", "value")
 
 
 @dataclass(frozen=True)

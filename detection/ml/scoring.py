@@ -13,6 +13,8 @@ import pandas as pd
 
 from baselines.engine import BaselineSet, lookup
 
+from .features import feature_kind
+
 SEVERITIES = ("critical", "high", "medium", "low")
 
 
@@ -21,8 +23,10 @@ class ScoreResult:
     """Per-row results, aligned with the scored frame (n rows).
 
     scores: float, higher = more anomalous. labels: -1 anomaly, 1 normal. severity: "" for
-    normal rows. top_metrics: for anomalies, a list of dicts (metric, feature, domain, value,
-    typical, mad, z, level), |z| descending; [] for normal rows.
+    normal rows. top_metrics: for anomalies, a list of dicts (metric, feature, kind, domain,
+    value, typical, mad, z, level), |z| descending; [] for normal rows. kind says which of the
+    metric's engineered features was most abnormal (features.FEATURE_KINDS), and value/typical
+    are that feature's, in the metric's unit.
     """
 
     scores: np.ndarray
@@ -112,7 +116,8 @@ def top_metrics(rows: pd.DataFrame, *, features: list[str], feature_metric: dict
             if best_abs[r, j] < 0:
                 continue
             entries.append({
-                "metric": metrics[j], "feature": features[c], "domain": metric_domain.get(metrics[j], "other"),
+                "metric": metrics[j], "feature": features[c], "kind": feature_kind(features[c], metrics[j]),
+                "domain": metric_domain.get(metrics[j], "other"),
                 "value": _num(x[r, c]), "typical": _num(median[r, c]), "mad": _num(mad[r, c]),
                 "z": _num(z[r, c]), "level": str(used[r, c]),
             })

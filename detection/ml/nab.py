@@ -1,0 +1,361 @@
+"""NAB scoring: the Numenta Anomaly Benchmark's rules, re-implemented. Django-free.
+
+Source: A. Lavin & S. Ahmad, "Evaluating Real-time Anomaly Detection Algorithms - the Numenta
+Anomaly Benchmark", IEEE ICMLA 2015, and the reference code github.com/numenta/NAB
+(nab/sweeper.py: Sweeper.calcSweepScore, calcScoreByThreshold; nab/optimizer.py; nab/runner.py
+normalize). The rules, as implemented here:
+
+- Probationary period: the first min(floor(0.15 * rows), 0.15 * 5000 = 750) rows of each file are
+  not scored: detections there count for nothing, and a window with no row after them is not
+  counted at all (NAB's labels never put a window there).
+- Windows: the inclusive [start, end] timestamp pairs of labels/combined_windows.json, taken as
+  row ranges (first row at or after start, last row at or before end).
+- A detection is a row whose anomaly score is >= the threshold.
+- True positive: only the best detection in a window counts (reward falls with position, so it is
+  the first one). A detection at row i of a window [l, r] of width W = r - l + 1 sits at relative
+  position y = -(r - i + 1) / W (-1 at the first row, -1/W at the last) and earns
+  A_tp * scaled_sigmoid(y) / scaled_sigmoid(-1): exactly A_tp at the start, about
+  A_tp * 2.5 / W at the end (NAB divides by scaled_sigmoid(-1) so the earliest detection earns
+  A_tp in full).
+- False negative: a window without a detection costs -A_fn.
+- False positive: every detection outside all windows costs A_fp * scaled_sigmoid(y), with
+  y = (i - r) / (W - 1) measured from the end r of the preceding window of width W: close after
+  a window it costs almost nothing (the anomaly's tail), more than 3 window widths away the full
+  -A_fp. A detection before the first window of its file costs -A_fp. (W = 1 would divide by
+  zero in NAB; here it is taken as W - 1 = 1.)
+- Detections in the probationary rows and true negatives count 0.
+- scaled_sigmoid(y) = 2 * sigmoid(-5 y) - 1 = 2 / (1 + exp(5 y)) - 1 for y <= 3, else -1.
+- Threshold: one per detector and profile for the whole corpus, the anomaly score that maximises
+  the summed raw score of all files (NAB's sweeper tries every distinct score; ties go to the
+  highest threshold, i.e. the fewest detections, as NAB's stable sort does). "Never detect" is
+  a candidate (threshold +inf here, 1.1 in NAB, whose scores lie in [0, 1]).
+- Normalisation: score = 100 * (raw - null) / (perfect - null), with null the raw score of the
+  detector that never detects (-A_fn per window) and perfect A_tp per window (every window
+  detected at its first row, no false positive).
+- Profiles: config/profiles.json, {name: {"CostMatrix": {"tpWeight", "fpWeight", "fnWeight",
+  "tnWeight"}}}; tnWeight is unused, as in NAB.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+PROBATION_PERCENT = 0.15
+PROBATION_CAP_ROWS = 5000  # NAB: the probationary period is at most 15 % of 5000 rows
+
+
+class NabError(ValueError):
+    """Bad NAB input (profiles file, windows, score arrays); the message names what is wrong."""
+
+
+@dataclass(frozen=True)
+class CostMatrix:
+    """One NAB application profile: the weight of a true positive, a false positive and a
+    false negative (positive numbers; the sign is part of the rule)."""
+
+    tp_weight: float
+    fp_weight: float
+    fn_weight: float
+
+
+def load_profiles(path: Path | str) -> dict[str, CostMatrix]:
+    """Read NAB's config/profiles.json. Raises NabError for a missing, unreadable or malformed file."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except OSError as exc:
+        raise NabError(f"cannot read the NAB profiles file {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise NabError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict) or not raw:
+        raise NabError(f"{path} must map profile names to {{'CostMatrix': {{...}}}}")
+    profiles = {}
+    for name, entry in raw.items():
+        matrix = entry.get("CostMatrix") if isinstance(entry, dict) else None
+        try:
+            profiles[name] = CostMatrix(float(matrix["tpWeight"]), float(matrix["fpWeight"]),
+                                        float(matrix["fnWeight"]))
+        except (TypeError, KeyError, ValueError):
+            raise NabError(f"{path}: profile {name!r} needs a CostMatrix with numeric tpWeight, fpWeight "
+                           f"and fnWeight") from None
+    return profiles
+
+
+def probationary_length(n_rows: int, percent: float = PROBATION_PERCENT) -> int:
+    """Rows at the start of a file that are not scored: min(floor(percent * n), percent * 5000)."""
+    return int(min(math.floor(percent * n_rows), percent * PROBATION_CAP_ROWS))
+
+
+def scaled_sigmoid(y) -> np.ndarray:
+    """NAB's scaledSigmoid: 2 * sigmoid(-5 y) - 1 for y <= 3, -1 beyond (y: relative position)."""
+    y = np.asarray(y, dtype="float64")
+    with np.errstate(over="ignore"):
+        value = 2.0 / (1.0 + np.exp(5.0 * y)) - 1.0
+    return np.where(y > 3.0, -1.0, value)
+
+
+def window_bounds(timestamps, windows: Sequence[tuple]) -> list[tuple[int, int]]:
+    """Row ranges of inclusive timestamp windows.
+
+    timestamps: ascending, one per row (anything pandas turns into datetimes; naive = UTC).
+    windows: (start, end) pairs, inclusive. Returns (first row >= start, last row <= end) per window
+    in start order; a window that holds no row is left out. Raises NabError if timestamps are
+    not ascending, a window ends before it starts, or two windows share a row.
+    """
+    ts = _utc_ns(timestamps)
+    if len(ts) > 1 and np.any(ts[1:] < ts[:-1]):
+        raise NabError("timestamps must be in ascending order")
+    bounds = []
+    for start, end in sorted(windows, key=lambda w: pd.Timestamp(w[0])):
+        s, e = _utc_ns([start])[0], _utc_ns([end])[0]
+        if e < s:
+            raise NabError(f"window {start} .. {end} ends before it starts")
+        left, right = int(np.searchsorted(ts, s, "left")), int(np.searchsorted(ts, e, "right")) - 1
+        if left > right:
+            continue
+        if bounds and left <= bounds[-1][1]:
+            raise NabError(f"window {start} .. {end} overlaps the window before it")
+        bounds.append((left, right))
+    return bounds
+
+
+def row_rewards(n_rows: int, bounds: Sequence[tuple[int, int]], cost: CostMatrix) -> tuple[np.ndarray, np.ndarray]:
+    """What a detection at each row would earn (NAB's weighted sweep score), and its window.
+
+    bounds: (left, right) inclusive row ranges, ascending and disjoint (window_bounds' output).
+    Returns (reward: float, n_rows; window: int, n_rows, the index into bounds or -1 outside).
+    """
+    rows = np.arange(n_rows)
+    reward = np.empty(n_rows)
+    window = np.full(n_rows, -1, dtype=np.int64)
+    max_tp = float(scaled_sigmoid(-1.0))
+    for k, (left, right) in enumerate(bounds):
+        width = right - left + 1
+        inside = rows[left:right + 1]
+        window[left:right + 1] = k
+        reward[left:right + 1] = scaled_sigmoid(-(right - inside + 1) / width) * cost.tp_weight / max_tp
+    outside = np.flatnonzero(window < 0)
+    rights = np.array([r for _, r in bounds], dtype=np.int64)
+    widths = np.array([r - l + 1 for l, r in bounds], dtype=np.int64)
+    before = np.searchsorted(rights, outside, "left") - 1  # the last window ending before the row
+    unweighted = np.full(len(outside), -1.0)
+    after = before >= 0
+    if after.any():
+        k = before[after]
+        position = (outside[after] - rights[k]) / np.maximum(widths[k] - 1, 1)
+        unweighted[after] = scaled_sigmoid(position)
+    reward[outside] = unweighted * cost.fp_weight
+    return reward, window
+
+
+@dataclass(frozen=True)
+class NabSeries:
+    """One NAB file as a detector saw it.
+
+    timestamps: n rows, ascending. scores: n anomaly scores (float, higher = more anomalous; NaN
+    never detects; the probationary rows are ignored whatever they hold). windows: inclusive
+    (start, end) timestamp pairs.
+    """
+
+    name: str
+    timestamps: object
+    scores: np.ndarray
+    windows: Sequence[tuple]
+
+    def __post_init__(self) -> None:
+        n = len(self.timestamps)
+        if len(self.scores) != n:
+            raise NabError(f"{self.name}: {len(self.scores)} anomaly scores for {n} rows")
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    name: str
+    scores: np.ndarray
+    reward: np.ndarray
+    window: np.ndarray
+    probation: int
+    windows: list[int]  # indexes into bounds of the windows that have a scored row
+
+
+def _prepare(series: NabSeries, cost: CostMatrix, percent: float) -> _Prepared:
+    n = len(series.timestamps)
+    bounds = window_bounds(series.timestamps, series.windows)
+    reward, window = row_rewards(n, bounds, cost)
+    probation = probationary_length(n, percent)
+    scored = [k for k, (_, right) in enumerate(bounds) if right >= probation]
+    return _Prepared(series.name, np.asarray(series.scores, dtype="float64"), reward, window, probation, scored)
+
+
+@dataclass(frozen=True)
+class FileScore:
+    """One file's NAB result for one set of detections: raw score (weighted TP + FP + FN sum),
+    windows detected and missed, false-positive detections (rows) and what they cost."""
+
+    raw: float
+    windows: int
+    detected: int
+    false_positives: int
+    fp_cost: float
+
+    def as_dict(self) -> dict:
+        return {"raw": round(self.raw, 4), "windows": self.windows, "detected": self.detected,
+                "false_positives": self.false_positives, "fp_cost": round(self.fp_cost, 4)}
+
+
+def score_detections(timestamps, detections, windows: Sequence[tuple], cost: CostMatrix, *,
+                     probation_percent: float = PROBATION_PERCENT) -> FileScore:
+    """Score one file's 0/1 detections (n rows, aligned with timestamps) under NAB's rules."""
+    detections = np.asarray(detections, dtype=bool)
+    prepared = _prepare(NabSeries("file", timestamps, detections.astype("float64"), windows), cost,
+                        probation_percent)
+    return _score_prepared(prepared, detections, cost)
+
+
+def _score_prepared(p: _Prepared, detections: np.ndarray, cost: CostMatrix) -> FileScore:
+    active = detections.copy()
+    active[:p.probation] = False
+    raw, detected = 0.0, 0
+    for k in p.windows:
+        hits = np.flatnonzero(active & (p.window == k))
+        if len(hits):
+            raw += float(p.reward[hits].max())
+            detected += 1
+        else:
+            raw -= cost.fn_weight
+    fp = active & (p.window < 0)
+    fp_cost = float(p.reward[fp].sum())
+    return FileScore(raw + fp_cost, len(p.windows), detected, int(fp.sum()), fp_cost)
+
+
+@dataclass(frozen=True)
+class ThresholdScore:
+    """The corpus raw score when every row with score >= threshold is a detection."""
+
+    threshold: float
+    raw: float
+    detections: int
+    detected_windows: int
+    false_positives: int
+
+
+def sweep(series: Sequence[NabSeries], cost: CostMatrix, *, probation_percent: float = PROBATION_PERCENT,
+          _prepared: Sequence[_Prepared] | None = None) -> list[ThresholdScore]:
+    """NAB's threshold sweep over a corpus: the raw score at every distinct anomaly score.
+
+    Returns one ThresholdScore per candidate, threshold descending, starting with +inf (no
+    detection, the null score). O(R log R) in the scored rows R of all files (NAB's
+    calcScoreByThreshold, vectorised: a window's credit is the running maximum of its rewards).
+    """
+    prepared = _prepared if _prepared is not None else [_prepare(s, cost, probation_percent) for s in series]
+    n_windows = sum(len(p.windows) for p in prepared)
+    null = -cost.fn_weight * n_windows
+    scores, rewards, keys, offset = [], [], [], 0
+    for p in prepared:
+        s = p.scores[p.probation:]
+        keep = ~np.isnan(s)
+        scores.append(s[keep])
+        rewards.append(p.reward[p.probation:][keep])
+        w = p.window[p.probation:][keep]
+        keys.append(np.where(w >= 0, w + offset, -1))
+        offset += len(p.reward)  # window indexes are below the file's row count: unique keys
+    out = [ThresholdScore(math.inf, null, 0, 0, 0)]
+    if not scores or not sum(len(s) for s in scores):
+        return out
+    score, reward, key = np.concatenate(scores), np.concatenate(rewards), np.concatenate(keys)
+    order = np.argsort(-score, kind="stable")
+    score, reward, key = score[order], reward[order], key[order]
+    outside = key < 0
+    gain = np.where(outside, reward, 0.0)
+    first = np.zeros(len(key), dtype=bool)
+    inside = np.flatnonzero(~outside)
+    if len(inside):
+        frame = pd.DataFrame({"key": key[inside], "reward": reward[inside]})
+        best = frame.groupby("key", sort=False)["reward"].cummax()
+        previous = best.groupby(frame["key"], sort=False).shift(1)
+        first[inside] = previous.isna().to_numpy()
+        # A window's credit moves from -A_fn to its best reward so far; each row adds the change.
+        gain[inside] = (best - previous.fillna(-cost.fn_weight)).to_numpy()
+    total = null + np.cumsum(gain)
+    last_of_tie = np.r_[score[1:] != score[:-1], True]
+    idx = np.flatnonzero(last_of_tie)
+    detected, fps = np.cumsum(first)[idx], np.cumsum(outside)[idx]
+    out += [ThresholdScore(float(score[i]), float(total[i]), int(i + 1), int(d), int(f))
+            for i, d, f in zip(idx, detected, fps)]
+    return out
+
+
+@dataclass(frozen=True)
+class ProfileScore:
+    """A detector's NAB result under one profile.
+
+    threshold: the corpus-optimal anomaly-score threshold (+inf: never detect). raw: summed raw
+    score at it; null and perfect: the never-detecting and the ideal detector's raw scores;
+    score: the normalised score (null 0, perfect 100). per_file: {name: FileScore} at threshold.
+    """
+
+    profile: str
+    threshold: float
+    raw: float
+    null: float
+    perfect: float
+    score: float
+    windows: int
+    detected_windows: int
+    false_positives: int
+    detections: int
+    per_file: dict[str, FileScore]
+
+    def as_dict(self, *, per_file: bool = False) -> dict:
+        out = {"profile": self.profile, "score": round(self.score, 2),
+               "threshold": None if math.isinf(self.threshold) else self.threshold,
+               "raw": round(self.raw, 4), "null": self.null, "perfect": self.perfect, "windows": self.windows,
+               "detected_windows": self.detected_windows, "false_positives": self.false_positives,
+               "detections": self.detections}
+        if per_file:
+            out["per_file"] = {k: v.as_dict() for k, v in self.per_file.items()}
+        return out
+
+
+def normalised_score(raw: float, null: float, perfect: float) -> float:
+    """100 * (raw - null) / (perfect - null). Raises NabError when perfect == null (no window)."""
+    if perfect == null:
+        raise NabError("the files hold no anomaly window after their probationary period, so the NAB score "
+                       "(null detector 0, perfect detector 100) is undefined")
+    return 100.0 * (raw - null) / (perfect - null)
+
+
+def nab_score(series: Sequence[NabSeries], profiles: Mapping[str, CostMatrix], *,
+              probation_percent: float = PROBATION_PERCENT) -> dict[str, ProfileScore]:
+    """Optimise the threshold per profile over the corpus and score each profile at its threshold.
+
+    series: every file of the corpus. Raises NabError for bad windows, mismatched lengths or a
+    corpus without any scored window.
+    """
+    if not series:
+        raise NabError("no NAB series to score")
+    out = {}
+    for name, cost in profiles.items():
+        prepared = [_prepare(s, cost, probation_percent) for s in series]
+        candidates = sweep(series, cost, _prepared=prepared)
+        best = max(candidates, key=lambda c: c.raw)  # max() keeps the first: the highest threshold
+        n_windows = sum(len(p.windows) for p in prepared)
+        null, perfect = -cost.fn_weight * n_windows, cost.tp_weight * n_windows
+        per_file = {p.name: _score_prepared(p, p.scores >= best.threshold, cost) for p in prepared}
+        out[name] = ProfileScore(name, best.threshold, best.raw, null, perfect,
+                                 normalised_score(best.raw, null, perfect), n_windows, best.detected_windows,
+                                 best.false_positives, best.detections, per_file)
+    return out
+
+
+def _utc_ns(values) -> np.ndarray:
+    ts = pd.to_datetime(pd.Series(values) if not isinstance(values, pd.Series) else values)
+    if getattr(ts.dt, "tz", None) is None:
+        ts = ts.dt.tz_localize("UTC")
+    return ts.dt.tz_convert("UTC").to_numpy(dtype="datetime64[ns]")
