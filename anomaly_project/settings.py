@@ -162,7 +162,9 @@ USE_I18N = False
 USE_TZ = True
 
 STATIC_URL = "/static/"
-STATIC_ROOT = VIGIL_VAR_DIR / "staticfiles"
+STATIC_ROOT = Path(envstr("VIGIL_STATIC_ROOT", str(VIGIL_VAR_DIR / "staticfiles")))
+# WhiteNoise warns on every request until collectstatic has made the folder.
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
