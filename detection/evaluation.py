@@ -1,23 +1,44 @@
 """Benchmark evaluation on labelled public data, through the same pipeline users run.
 
-evaluate_skab ingests SKAB files into a scratch fleet, runs the pipeline with SKAB's protocol
-(train on the first 400 rows of each file, the normal part; score the rest) and scores the
-persisted decisions against the `anomaly` column.
+Each evaluation ingests the benchmark into a scratch fleet (removed afterwards unless keep=True),
+runs the pipeline on it and scores the result against the benchmark's labels:
+
+- evaluate_skab: SKAB's protocol (train on the first 400 rows of each file, the normal part; score
+  the rest) through the pipeline service; the persisted decisions are scored against the `anomaly`
+  column (F1, FAR, MAR).
+- evaluate_nab: NAB's protocol (detection.ml.nab): one detector instance per file, trained on the
+  file's probationary rows, streaming features only; the anomaly scores of the other rows go to
+  NAB's sweeper, which picks one threshold per profile for the whole corpus.
+- evaluate_cmapss: C-MAPSS FD001 run-to-failure engines through the pipeline service: train on the
+  first cycles of every engine, score the rest against the last `degraded_cycles` cycles before
+  failure (precision, recall, F1, cycles of early warning).
 """
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from django.utils import timezone
 
 from .choices import RunStatus, Trigger
-from .ingest.loader import ingest_batch, load_ground_truth
-from .ingest.readers import read_skab
-from .ml.evaluation import BinaryMetrics, binary_metrics, in_windows
-from .models import AnomalyResult, Fleet
+from .ingest.loader import ingest_batch, load_ground_truth, load_telemetry_frame
+from .ingest.readers import CMAPSS_EPOCH, read_cmapss, read_nab, read_skab
+from .ml.evaluation import BinaryMetrics, EarlyWarning, binary_metrics, early_warning, in_windows
+from .ml.nab import (
+    NabError,
+    NabSeries,
+    ProfileScore,
+    load_profiles,
+    nab_score,
+    probationary_length,
+    streaming_rank,
+)
+from .ml.pipeline import PipelineConfig, StageError, TrainingWindow, run_core
+from .models import AnomalyResult, Fleet, PipelineRun
 from .services import fleet_delete, pipeline_run_create, pipeline_run_execute
 
 SKAB_TRAIN_ROWS = 400
@@ -40,6 +61,9 @@ class EvaluationError(Exception):
 
 @dataclass
 class EvaluationResult:
+    """Row-level figures of one evaluation run (SKAB, C-MAPSS): metrics pooled over the scored rows,
+    per_file {file or engine: metrics}, the pipeline run that produced them, its stage timings."""
+
     dataset: str
     metrics: BinaryMetrics
     files: int
@@ -49,11 +73,15 @@ class EvaluationResult:
     config: dict
     per_file: dict[str, dict] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    detector: str = ""
+    # Seconds per pipeline stage (features, baselines, train, score, persist).
+    timings: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return {"dataset": self.dataset, **self.metrics.as_dict(), "files": self.files,
+        return {"dataset": self.dataset, "detector": self.detector, **self.metrics.as_dict(), "files": self.files,
                 "scored_rows": self.scored_rows, "run_id": self.run_id, "seconds": round(self.seconds, 2),
-                "config": self.config, "per_file": self.per_file, "warnings": self.warnings}
+                "timings": self.timings, "config": self.config, "per_file": self.per_file,
+                "warnings": self.warnings}
 
 
 def evaluate_skab(*, path: Path | str, predictions_dir: Path | str | None = None, keep: bool = False,
@@ -72,23 +100,10 @@ def evaluate_skab(*, path: Path | str, predictions_dir: Path | str | None = None
     keep_devices = batch.devices["external_id"].isin(labelled)
     batch.devices = batch.devices[keep_devices].reset_index(drop=True)
     batch.telemetry = batch.telemetry[batch.telemetry["external_id"].isin(labelled)].reset_index(drop=True)
-    fleet_config = {**SKAB_FLEET_CONFIG, **(config or {})}
-    name = f"eval-skab-{timezone.now():%Y%m%d%H%M%S%f}"
-    ingest_batch(batch=batch, fleet_name=name, description=f"SKAB evaluation scratch fleet from {path}")
-    fleet = Fleet.objects.get(name=name)
-    fleet.config = fleet_config
-    fleet.save(update_fields=["config"])
+    fleet = _scratch_fleet(batch, "skab", path, {**SKAB_FLEET_CONFIG, **(config or {})})
     try:
-        run = pipeline_run_create(fleet=fleet, trigger=Trigger.EVALUATION,
-                                  params={"train_rows_per_device": SKAB_TRAIN_ROWS, "score": "after_training"})
-        run = pipeline_run_execute(run_id=run.id, progress=progress)
-        if run.status != RunStatus.SUCCEEDED:
-            raise EvaluationError(f"pipeline run {run.id} ended {run.status}: {run.error}")
-        scored = pd.DataFrame.from_records(
-            AnomalyResult.objects.filter(run=run).order_by("device_id", "timestamp")
-            .values_list("device_id", "device__external_id", "timestamp", "label"),
-            columns=["device_id", "external_id", "timestamp", "label"])
-        scored["timestamp"] = pd.to_datetime(scored["timestamp"], utc=True)
+        run = _run_pipeline(fleet, {"train_rows_per_device": SKAB_TRAIN_ROWS, "score": "after_training"}, progress)
+        scored = _scored_rows(run)
         truth = in_windows(scored, load_ground_truth(fleet))
         predicted = (scored["label"] == -1).to_numpy()
         per_file = {}
@@ -98,7 +113,7 @@ def evaluate_skab(*, path: Path | str, predictions_dir: Path | str | None = None
             _write_predictions(Path(predictions_dir), scored, predicted)
         return EvaluationResult("skab", binary_metrics(truth, predicted), len(per_file), len(scored), run.id,
                                 time.perf_counter() - started, {**fleet.detection_config()}, per_file,
-                                list(run.warnings))
+                                list(run.warnings), fleet.detection_config()["algorithm"], dict(run.stage_timings))
     finally:
         if not keep:
             fleet_delete(fleet=fleet)
@@ -112,3 +127,311 @@ def _write_predictions(folder: Path, scored: pd.DataFrame, predicted) -> None:
         frame = pd.DataFrame({"datetime": group["timestamp"].dt.strftime("%Y-%m-%d %H:%M:%S"),
                               "anomaly": group["anomaly"]})
         frame.to_csv(target, index=False)
+
+
+# --- NAB -----------------------------------------------------------------------------------------
+
+# Rolling windows are counted in samples, because NAB's files sample every 5 minutes (most), 10
+# minutes (TravelTime_*) or hour (realAdExchange): 12 samples is an hour of 5-minute data, long
+# enough to smooth single-sample noise and short enough that a level shift shows within the hour.
+NAB_ROLLING_SAMPLES = 12
+NAB_FLEET_CONFIG = {
+    # The day-over-day delta is a calendar lag: most NAB series (CPU, traffic, clicks) follow the day.
+    "delta_lag": "1D",
+    # Every file is its own stream with its own scale: normalise against the file's own
+    # probationary rows (device level).
+    "z_level": "device",
+    # A cohort median over a time bucket would mix later samples of the bucket into the current
+    # one (look-ahead) or mix unrelated files; a bucket of one microsecond holds one sample only,
+    # so the cohort feature is 0 and the detector drops it as constant.
+    "cohort_bucket": "1us",
+}
+
+
+@dataclass
+class NabEvaluationResult:
+    """A detector's NAB result: profiles {name: ProfileScore}, rows (all), scored_rows (after the
+    probationary period), timings summed over files (seconds per pipeline stage), per_file
+    {file: {rows, probationary_rows, windows, <profile>: FileScore.as_dict() at its threshold}}."""
+
+    detector: str
+    profiles: dict[str, ProfileScore]
+    files: int
+    rows: int
+    scored_rows: int
+    seconds: float
+    timings: dict[str, float]
+    config: dict
+    per_file: dict[str, dict] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    dataset: str = "nab"
+
+    def as_dict(self) -> dict:
+        return {"dataset": self.dataset, "detector": self.detector,
+                "scores": {name: p.score for name, p in self.profiles.items()},
+                "profiles": {name: p.as_dict() for name, p in self.profiles.items()},
+                "files": self.files, "rows": self.rows, "scored_rows": self.scored_rows,
+                "seconds": round(self.seconds, 2), "timings": self.timings, "config": self.config,
+                "per_file": self.per_file, "warnings": self.warnings}
+
+
+FileProgress = Callable[[str, str, dict], None]
+NAB_CALIBRATIONS = ("rank", "none")
+
+
+def evaluate_nab(*, path: Path | str, results_dir: Path | str | None = None, keep: bool = False,
+                 config: dict | None = None, progress: FileProgress | None = None,
+                 calibration: str = "rank") -> NabEvaluationResult:
+    """Run NAB's protocol on every series under `path` and score it with NAB's rules.
+
+    path: the NAB root, its data/ folder, a data/<category> folder or one data/<category>/<x>.csv;
+    labels/combined_windows.json and config/profiles.json are found next to data/. config
+    overrides NAB_FLEET_CONFIG and settings.VIGIL_DETECTION (e.g. {"algorithm": "isolation_forest"}).
+
+    NAB is streaming, so each file gets its own detector instance (as NAB's runner does), trained
+    on the file's probationary rows only (detection.ml.nab.probationary_length) with causal
+    features (trailing windows, backward lags); the other rows are scored. The pipeline's own
+    threshold is not used: NAB's sweeper picks one threshold per profile over the corpus.
+    calibration "rank" (default) first turns each file's scores into their streaming rank
+    (detection.ml.nab.streaming_rank: the share of the file's earlier scores, its in-sample
+    probationary scores included, that each score exceeds), so that one threshold means the same
+    in every file; "none" sweeps the raw scores, whose scale differs from file to file (robust
+    z-units of each file's own training scores for the hybrid). A file whose training fails
+    (e.g. a flat line: nothing varies) never detects, with a warning.
+    With results_dir, writes NAB's results layout DIR/<detector>/<category>/<detector>_<file>.csv
+    (timestamp, value, anomaly_score, label); anomaly_score is empty where the detector gave no
+    score (the probationary rows). progress(file, stage, info) follows each pipeline stage.
+    Raises EvaluationError (and detection.ingest.IngestError for unreadable files).
+    """
+    started = time.perf_counter()
+    if calibration not in NAB_CALIBRATIONS:
+        raise EvaluationError(f"calibration must be one of {', '.join(NAB_CALIBRATIONS)}, not {calibration!r}")
+    batch = read_nab(path)
+    profiles = _nab_profiles(Path(path))
+    if batch.labels.empty:
+        raise EvaluationError(
+            f"no NAB anomaly window for the series under {path}: NAB's score needs at least one (the windows "
+            f"are read from labels/combined_windows.json next to the data/ folder)")
+    fleet_config = {**NAB_FLEET_CONFIG, **(config or {})}
+    fleet = _scratch_fleet(batch, "nab", path, fleet_config)
+    try:
+        detection = fleet.detection_config()
+        try:
+            PipelineConfig.from_settings(detection, cohort_columns=fleet.cohort_columns)
+        except ValueError as exc:
+            raise EvaluationError(str(exc)) from None
+        frame = load_telemetry_frame(fleet)
+        truth = load_ground_truth(fleet)
+        series, per_file, timings, warnings = [], {}, {}, {}
+        for device_id, idx in frame.groupby("device_id", sort=False).indices.items():
+            rows = frame.iloc[idx].reset_index(drop=True)
+            name = rows["external_id"].iat[0]
+            probation = probationary_length(len(rows))
+            values = dict(detection)
+            if "rolling_window" not in fleet_config:
+                values["rolling_window"] = _samples_window(rows["timestamp"], NAB_ROLLING_SAMPLES)
+            pipeline = PipelineConfig.from_settings(
+                values, cohort_columns=fleet.cohort_columns,
+                window=TrainingWindow(train_rows_per_device=probation, score="all"))
+            scores = np.full(len(rows), np.nan)
+            try:
+                output = run_core(rows, metrics=fleet.metric_names, metric_domain=fleet.metric_domains,
+                                  config=pipeline, progress=(lambda s, i, n=name: progress(n, s, i)) if progress else None)
+            except StageError as exc:
+                warnings.setdefault(f"{exc}; scored as never detecting", []).append(name)
+            else:
+                raw = output.result.scores  # every row, in time order; in-sample on the probationary ones
+                scores = streaming_rank(raw, probation) if calibration == "rank" else raw.copy()
+                scores[:probation] = np.nan
+                for stage, seconds in output.timings.items():
+                    timings[stage] = round(timings.get(stage, 0.0) + seconds, 3)
+                for warning in output.warnings:
+                    warnings.setdefault(warning, []).append(name)
+            own = truth[truth["device_id"] == device_id]
+            series.append(NabSeries(name, rows["timestamp"], scores, list(zip(own["start"], own["end"]))))
+            per_file[name] = {"rows": len(rows), "probationary_rows": probation, "windows": len(own)}
+        failed = sum(1 for s in series if np.isnan(s.scores).all())
+        if failed == len(series):
+            raise EvaluationError(f"the pipeline failed on every file: {'; '.join(_collapse(warnings))}")
+        try:
+            scored = nab_score(series, profiles)
+        except NabError as exc:
+            raise EvaluationError(str(exc)) from None
+        for profile in scored.values():
+            for name, score in profile.per_file.items():
+                per_file[name][profile.profile] = score.as_dict()
+        algorithm = detection["algorithm"]
+        if results_dir:
+            _write_nab_results(Path(results_dir), algorithm, frame, series)
+        return NabEvaluationResult(
+            algorithm, scored, len(series), len(frame), sum(len(s.scores) - probationary_length(len(s.scores))
+                                                              for s in series),
+            time.perf_counter() - started, timings, detection, per_file, _collapse(warnings))
+    finally:
+        if not keep:
+            fleet_delete(fleet=fleet)
+
+
+def _nab_profiles(path: Path) -> dict:
+    for folder in [path, *path.resolve().parents][:4]:
+        candidate = folder / "config" / "profiles.json"
+        if candidate.is_file():
+            try:
+                return load_profiles(candidate)
+            except NabError as exc:
+                raise EvaluationError(str(exc)) from None
+    raise EvaluationError(f"no NAB config/profiles.json found at or above {path}: point at a folder inside "
+                          f"the NAB layout (config/, data/, labels/)")
+
+
+def _samples_window(timestamps: pd.Series, samples: int) -> str:
+    """`samples` times the series' median sampling step, as a pandas offset string ("3600s")."""
+    step = timestamps.diff().median()
+    seconds = step.total_seconds() if pd.notna(step) and step.total_seconds() > 0 else 300.0
+    return f"{max(1, round(samples * seconds))}s"
+
+
+def _collapse(warnings: dict[str, list[str]], shown: int = 3) -> list[str]:
+    """One line per distinct warning, naming the files it came from."""
+    out = []
+    for text, files in warnings.items():
+        names = ", ".join(files[:shown]) + (f" and {len(files) - shown} more" if len(files) > shown else "")
+        out.append(f"{text} ({len(files)} file{'s' if len(files) > 1 else ''}: {names})")
+    return out
+
+
+def _write_nab_results(folder: Path, detector: str, frame: pd.DataFrame, series: list[NabSeries]) -> None:
+    values = dict(tuple(frame.groupby("external_id", sort=False)["value"]))
+    for s in series:
+        category, stem = s.name.split("/", 1)
+        target = folder / detector / category / f"{detector}_{stem}.csv"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        ts = pd.Series(s.timestamps).reset_index(drop=True)
+        label = in_windows(pd.DataFrame({"device_id": 0, "timestamp": ts}),
+                           pd.DataFrame({"device_id": 0, "start": [w[0] for w in s.windows],
+                                         "end": [w[1] for w in s.windows]}))
+        # The reader moved repeated timestamps a few microseconds apart; NAB writes them as they were.
+        pd.DataFrame({"timestamp": ts.dt.strftime("%Y-%m-%d %H:%M:%S"),
+                      "value": values[s.name].to_numpy(), "anomaly_score": s.scores,
+                      "label": label.astype(int)}).to_csv(target, index=False)
+
+
+def _scratch_fleet(batch, dataset: str, path, config: dict) -> Fleet:
+    name = f"eval-{dataset}-{timezone.now():%Y%m%d%H%M%S%f}"
+    ingest_batch(batch=batch, fleet_name=name, description=f"{dataset.upper()} evaluation scratch fleet from {path}")
+    fleet = Fleet.objects.get(name=name)
+    fleet.config = config
+    fleet.save(update_fields=["config"])
+    return fleet
+
+
+# --- C-MAPSS -------------------------------------------------------------------------------------
+
+# Every FD001 training engine starts healthy (its wear is unknown but normal) and runs to failure;
+# the shortest lives 128 cycles. The first 50 cycles of every engine are taken as its normal
+# reference: far from any failure (at least 78 cycles before it, more than twice the degraded
+# window), and the same count for every engine, so the pipeline service's one
+# train_rows_per_device applies as it is.
+CMAPSS_TRAIN_CYCLES = 50
+CMAPSS_FLEET_CONFIG = {
+    # One cycle is one hour on the reader's clock: smooth over 10 cycles (the sensors are noisy,
+    # the degradation slow), compare with 24 cycles earlier, cohort bucket = one cycle.
+    "rolling_window": "10h", "delta_lag": "24h", "cohort_bucket": "1h",
+    # Engines differ in initial wear and manufacturing variation: each against its own first cycles.
+    "z_level": "device",
+}
+
+
+@dataclass
+class CmapssEvaluationResult(EvaluationResult):
+    """EvaluationResult plus the early-warning summary; per_file holds one entry per engine."""
+
+    early_warning: EarlyWarning | None = None
+    train_cycles: int = CMAPSS_TRAIN_CYCLES
+    degraded_cycles: int = 30
+
+    def as_dict(self) -> dict:
+        return {**super().as_dict(), "train_cycles": self.train_cycles, "degraded_cycles": self.degraded_cycles,
+                "early_warning": self.early_warning.as_dict() if self.early_warning else None}
+
+
+def evaluate_cmapss(*, path: Path | str, degraded_cycles: int = 30, train_cycles: int = CMAPSS_TRAIN_CYCLES,
+                    predictions_dir: Path | str | None = None, keep: bool = False, config: dict | None = None,
+                    progress=None) -> CmapssEvaluationResult:
+    """Anomaly detection on C-MAPSS training engines (run to failure) through the pipeline service.
+
+    path: a folder with train_FD00x.txt files or one such file. The last `degraded_cycles` cycles
+    of each engine are its anomaly window (detection.ingest.read_cmapss); the pipeline trains on
+    the first `train_cycles` cycles of every engine and scores the rest with its own threshold.
+    Reports row-level precision, recall and F1 over the scored cycles, and early warning: cycles
+    from each engine's first alarm to its failure (detection.ml.evaluation.early_warning). With
+    predictions_dir, one CSV per engine (cycle, anomaly_score, anomaly 0/1).
+    Raises EvaluationError for bad counts or a failed run (IngestError for unreadable files).
+    """
+    started = time.perf_counter()
+    if degraded_cycles < 1 or train_cycles < 1:
+        raise EvaluationError(f"degraded_cycles and train_cycles must be at least 1, got {degraded_cycles} "
+                              f"and {train_cycles}")
+    batch = read_cmapss(path, split="train", degraded_cycles=degraded_cycles)
+    cycles = (batch.telemetry["timestamp"] - CMAPSS_EPOCH) // pd.Timedelta(hours=1)
+    life = cycles.groupby(batch.telemetry["external_id"]).agg(["min", "max", "size"])
+    warnings = []
+    short = life.index[life["size"] <= train_cycles + degraded_cycles]
+    if len(short) == len(life):
+        raise EvaluationError(f"no engine lives longer than {train_cycles} training + {degraded_cycles} degraded "
+                              f"cycles, so training would reach into every degraded window; lower train_cycles")
+    if len(short):
+        warnings.append(f"{len(short)} engine(s) live at most {train_cycles + degraded_cycles} cycles, so their "
+                        f"training cycles reach into the degraded window: {', '.join(short[:5])}")
+    fleet = _scratch_fleet(batch, "cmapss", path, {**CMAPSS_FLEET_CONFIG, **(config or {})})
+    try:
+        run = _run_pipeline(fleet, {"train_rows_per_device": train_cycles, "score": "after_training"}, progress)
+        scored = _scored_rows(run)
+        windows = load_ground_truth(fleet)
+        truth = in_windows(scored, windows)
+        predicted = (scored["label"] == -1).to_numpy()
+        scored["cycle"] = (scored["timestamp"] - CMAPSS_EPOCH) // pd.Timedelta(hours=1)
+        degraded_from = {ext: int((start - CMAPSS_EPOCH) // pd.Timedelta(hours=1))
+                         for ext, start in zip(windows["external_id"], windows["start"])}
+        summary, per_unit = early_warning(scored["external_id"].to_numpy(), scored["cycle"].to_numpy(), predicted,
+                                          failure=life["max"].to_dict(), degraded_from=degraded_from)
+        per_file = {}
+        for ext, idx in scored.groupby("external_id").indices.items():
+            per_file[ext] = {"cycles": int(life.at[ext, "size"]), **per_unit[ext],
+                             **binary_metrics(truth[idx], predicted[idx]).as_dict()}
+        if predictions_dir:
+            _write_cmapss_predictions(Path(predictions_dir), scored, predicted)
+        detection = fleet.detection_config()
+        return CmapssEvaluationResult(
+            "cmapss", binary_metrics(truth, predicted), len(per_file), len(scored), run.id,
+            time.perf_counter() - started, detection, per_file, warnings + list(run.warnings),
+            detection["algorithm"], dict(run.stage_timings), early_warning=summary, train_cycles=train_cycles,
+            degraded_cycles=degraded_cycles)
+    finally:
+        if not keep:
+            fleet_delete(fleet=fleet)
+
+
+def _run_pipeline(fleet: Fleet, params: dict, progress) -> PipelineRun:
+    run = pipeline_run_create(fleet=fleet, trigger=Trigger.EVALUATION, params=params)
+    run = pipeline_run_execute(run_id=run.id, progress=progress)
+    if run.status != RunStatus.SUCCEEDED:
+        raise EvaluationError(f"pipeline run {run.id} ended {run.status}: {run.error}")
+    return run
+
+
+def _scored_rows(run: PipelineRun) -> pd.DataFrame:
+    """The run's decisions: rows x (device_id, external_id, timestamp [UTC], anomaly_score, label)."""
+    scored = pd.DataFrame.from_records(
+        AnomalyResult.objects.filter(run=run).order_by("device_id", "timestamp")
+        .values_list("device_id", "device__external_id", "timestamp", "anomaly_score", "label"),
+        columns=["device_id", "external_id", "timestamp", "anomaly_score", "label"])
+    scored["timestamp"] = pd.to_datetime(scored["timestamp"], utc=True)
+    return scored
+
+
+def _write_cmapss_predictions(folder: Path, scored: pd.DataFrame, predicted: np.ndarray) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = scored.assign(anomaly=predicted.astype(int))
+    for ext, group in out.groupby("external_id"):
+        group[["cycle", "anomaly_score", "anomaly"]].to_csv(folder / f"{ext.replace('/', '_')}.csv", index=False)

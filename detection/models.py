@@ -76,12 +76,15 @@ class Device(models.Model):
 class Telemetry(models.Model):
     """One sample of a device: the fleet's metric values at a timestamp ({metric: float|null})."""
 
-    # Both foreign keys are covered by the composite indexes below; their own indexes would only
-    # slow bulk ingest down. The fleet is implied by the device, so its database constraint (a
-    # deferred check per row at commit) is left out; Django still cascades deletes.
+    # Telemetry is the one table that grows by millions of rows at a time, so it carries a single
+    # index, the unique (device, timestamp) one, and no database-level foreign keys (each would be
+    # a deferred check per row at commit). Rows are only written by detection.ingest.loader with
+    # ids from the same transaction, Django still cascades deletes, and the fleet is read through
+    # its devices.
     fleet = models.ForeignKey(Fleet, on_delete=models.CASCADE, related_name="+", db_index=False,
                               db_constraint=False)
-    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="telemetry", db_index=False)
+    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="telemetry", db_index=False,
+                               db_constraint=False)
     timestamp = models.DateTimeField()
     values = models.JSONField()
 
@@ -90,7 +93,6 @@ class Telemetry(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["device", "timestamp"], name="uniq_telemetry_sample"),
         ]
-        indexes = [models.Index(fields=["fleet", "timestamp"], name="telemetry_fleet_ts")]
 
 
 class GroundTruthLabel(models.Model):

@@ -98,6 +98,8 @@ def load_telemetry_frame(fleet: Fleet, *, start: datetime | None = None, end: da
         raise ValueError(f"fleet {fleet.name!r} has metric names that are not identifiers: {bad}")
     connection = connections[Telemetry.objects.db]
     adapt = connection.ops.adapt_datetimefield_value
+    if device_ids is None:  # the fleet is read through its devices: (device, timestamp) is the index
+        device_ids = list(Device.objects.filter(fleet=fleet).values_list("pk", flat=True))
     where, params = ["fleet_id = %s"], [fleet.pk]
     if start is not None:
         where.append('"timestamp" >= %s')

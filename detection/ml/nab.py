@@ -37,6 +37,7 @@ normalize). The rules, as implemented here:
 """
 from __future__ import annotations
 
+import bisect
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -351,6 +352,30 @@ def nab_score(series: Sequence[NabSeries], profiles: Mapping[str, CostMatrix], *
         out[name] = ProfileScore(name, best.threshold, best.raw, null, perfect,
                                  normalised_score(best.raw, null, perfect), n_windows, best.detected_windows,
                                  best.false_positives, best.detections, per_file)
+    return out
+
+
+def streaming_rank(scores, start: int) -> np.ndarray:
+    """Each score's rank among every score before it: the share of earlier scores it exceeds.
+
+    scores: n raw anomaly scores of one file, in time order (higher = more anomalous); rows before
+    `start` form the reference (e.g. a detector's scores on its own training rows, known once it
+    is trained) and get NaN. Row t >= start gets #{j < t: s_j < s_t} / #{j < t}, in [0, 1], 1 for
+    a new maximum; NaN scores stay NaN and are not remembered. Causal (no later row is read),
+    monotone in the score at any one time, and comparable across files whatever the detector's
+    scale: the corpus-wide threshold of NAB's sweeper then means "above this share of the file's
+    own history". O(n log n) searches, O(n^2) worst-case list inserts (fast below ~10^5 rows).
+    """
+    scores = np.asarray(scores, dtype="float64")
+    out = np.full(len(scores), np.nan)
+    history = sorted(x for x in scores[:start] if not math.isnan(x))
+    for t in range(max(start, 0), len(scores)):
+        x = scores[t]
+        if math.isnan(x):
+            continue
+        if history:
+            out[t] = bisect.bisect_left(history, x) / len(history)
+        bisect.insort(history, x)
     return out
 
 
