@@ -163,7 +163,8 @@ def _persist(run: PipelineRun, output: PipelineOutput, config: PipelineConfig) -
             version = (ModelVersion.objects.filter(fleet=fleet).aggregate(n=Max("version"))["n"] or 0) + 1
             path = artifact_dir / f"model-v{version}-run{run.id}.pkl"
             detector = output.detector
-            checksum = save_artifact({"detector": detector, "config": config, "model_features": output.model_features},
+            checksum = save_artifact({"detector": detector, "config": output.config,
+                                      "model_features": output.model_features},
                                      path, kind="model")
             written.append(path)
             ModelVersion.objects.filter(fleet=fleet, status=ModelStatus.PRODUCTION).update(status=ModelStatus.RETIRED)

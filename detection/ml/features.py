@@ -9,11 +9,12 @@ For each metric m the frame gains:
   default), so that fleet-wide or cohort-wide movements are not blamed on one device.
 - ``m_resid``: the device against its own recent past, (m(t) - mean_prev) / std_prev, where
   mean_prev and std_prev are the rolling statistics of the window ending at the previous sample.
-  The denominator is floored at ``resid_floor`` times the metric's global robust spread so that a
-  flat-lined sensor does not divide by zero. It feeds the temporal part of HybridAnomalyDetector.
+  The denominator is floored at ``resid_floor`` times the metric's robust spread on the training
+  rows (FeatureConfig.resid_scale) so that a flat-lined sensor does not divide by zero. It feeds the temporal part of HybridAnomalyDetector.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +42,10 @@ class FeatureConfig:
     cohort_bucket: str = "1h"
     cohort_columns: tuple[str, ...] = ("manufacturer", "model", "os_version")
     resid_floor: float = 0.1
+    # ((metric, spread), ...): each metric's robust spread on the training rows, which scales the
+    # floor of m_resid. The pipeline fills it in (resid_scales) and saves it with the model, so
+    # serving computes exactly the features training saw, and nothing looks past the training rows.
+    resid_scale: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass
@@ -94,7 +99,8 @@ def build_features(df: pd.DataFrame, metrics: list[str], config: FeatureConfig |
     cohort_median = values.groupby([*(df[c] for c in cohort_cols), bucket]).transform("median").to_numpy()
 
     raw = values.to_numpy()
-    spread = _robust_spread(raw)
+    known = dict(config.resid_scale)
+    spread = np.array([known[m] for m in metrics]) if all(m in known for m in metrics) else _robust_spread(raw)
     for j, m in enumerate(metrics):
         out[f"{m}_roll_mean"] = roll_mean[:, j]
         out[f"{m}_roll_std"] = roll_std[:, j]
@@ -108,6 +114,13 @@ def build_features(df: pd.DataFrame, metrics: list[str], config: FeatureConfig |
     resid_features = [f"{m}_resid" for m in metrics]
     feature_metric = {f"{m}{s}": m for m in metrics for s in (*MODEL_SUFFIXES, "_resid")}
     return FeatureFrame(frame, model_features, resid_features, feature_metric)
+
+
+def resid_scales(df: pd.DataFrame, metrics: list[str]) -> tuple[tuple[str, float], ...]:
+    """Each metric's robust spread (1.4826 * MAD, else the standard deviation, else 1) over the rows
+    of `df` (rows x metrics), for FeatureConfig.resid_scale."""
+    spread = _robust_spread(df[metrics].to_numpy(dtype="float64"))
+    return tuple((m, float(v)) for m, v in zip(metrics, spread))
 
 
 def _check_sorted(df: pd.DataFrame) -> None:
@@ -131,7 +144,8 @@ def _lagged_delta(df: pd.DataFrame, values: pd.DataFrame, metrics: list[str], la
 
 def _robust_spread(x: np.ndarray) -> np.ndarray:
     """Per-column MAD-scaled spread, with the standard deviation and then 1.0 as fall-backs."""
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column: handled below
         med = np.nanmedian(x, axis=0)
         spread = MAD_TO_SIGMA * np.nanmedian(np.abs(x - med), axis=0)
         std = np.nanstd(x, axis=0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -19,7 +19,7 @@ import pandas as pd
 from baselines.engine import LEVELS, BaselineSet, apply_baselines, compute_baselines
 
 from .detectors import DETECTORS, AnomalyDetectorConfig, DetectorError
-from .features import FeatureConfig, build_features
+from .features import FeatureConfig, build_features, resid_scales
 from .scoring import ScoreResult, score_frame
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,9 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if self.temporal not in ("baseline", "residual"):
             raise ValueError(f"temporal must be 'baseline' or 'residual', got {self.temporal!r}")
+        unknown = [lv for lv in (*self.baseline_levels, self.z_level) if lv not in LEVELS]
+        if unknown:  # a typo here would otherwise surface only as a baseline failure and a fallback
+            raise ValueError(f"unknown baseline level(s) {unknown}; known: {list(LEVELS)}")
 
     @classmethod
     def from_settings(cls, values: dict, *, cohort_columns: list[str], window: TrainingWindow | None = None
@@ -107,7 +110,8 @@ class PipelineConfig:
 
 @dataclass
 class PipelineOutput:
-    """scored: rows x (device_id, external_id, timestamp) of the scored rows, aligned with result."""
+    """scored: rows x (device_id, external_id, timestamp) of the scored rows, aligned with result.
+    config is what serving must reuse to compute the same features (it goes into the model artifact)."""
 
     scored: pd.DataFrame
     result: ScoreResult
@@ -118,6 +122,7 @@ class PipelineOutput:
     timings: dict[str, float]
     row_counts: dict[str, int]
     training_rows: int
+    config: PipelineConfig  # as run: the features' resid_scale filled in from the training rows
 
 
 Progress = Callable[[str, dict], None]
@@ -142,14 +147,21 @@ def run_core(df: pd.DataFrame, *, metrics: list[str], metric_domain: dict[str, s
 
     with stage("features") as s:
         try:
-            ff = build_features(df, metrics, config.features)
+            missing = [c for c in ["device_id", "timestamp", *metrics] if c not in df.columns]
+            if missing:
+                raise KeyError(f"telemetry frame lacks column(s): {', '.join(missing)}")
+            df = df.reset_index(drop=True)
+            reference = config.window.training_mask(df)
+            feature_config = replace(config.features, resid_scale=resid_scales(
+                df if reference.all() else df.loc[reference], metrics))
+            ff = build_features(df, metrics, feature_config)
         except (KeyError, ValueError) as exc:
             raise StageError("features", str(exc)) from exc
         frame = ff.frame
         s.rows = len(frame)
     feature_metric = ff.feature_metric
     feature_domain = {f: metric_domain.get(m, "other") for f, m in feature_metric.items()}
-    train_mask = config.window.training_mask(frame)
+    train_mask = reference  # the rows that train: the same mask that scaled the features
     everything = bool(train_mask.all())
 
     def training_rows(f: pd.DataFrame) -> pd.DataFrame:
@@ -229,7 +241,7 @@ def run_core(df: pd.DataFrame, *, metrics: list[str], metric_domain: dict[str, s
 
     scored = frame.loc[score_mask, ["device_id", "external_id", "timestamp"]].reset_index(drop=True)
     return PipelineOutput(scored, result, detector, baselines, model_features, warnings, timings, counts,
-                          int(train_mask.sum()))
+                          int(train_mask.sum()), replace(config, features=feature_config))
 
 
 class _Stage:
