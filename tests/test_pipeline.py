@@ -180,3 +180,11 @@ def test_tampered_artifact_is_refused(fleet):
         load_artifact(path, kind="model")
     with pytest.raises(ArtifactError, match="holds a 'baselines', not a 'model'"):
         load_artifact(run.baseline_version.artifact_path, kind="model")
+
+
+def test_a_misspelt_baseline_level_fails_the_run_instead_of_falling_back(fleet):
+    fleet.config = {"z_level": "fleet"}
+    fleet.save()
+    run = _run(fleet)
+    assert run.status == RunStatus.FAILED
+    assert "unknown baseline level(s) ['fleet']" in run.error
