@@ -9,7 +9,7 @@ DEMO_DAYS ?= 14
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install demo serve test test-fast bench evaluate-skab clean
+.PHONY: install demo serve test test-fast bench evaluate clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,8 +45,11 @@ test-fast: install
 bench: install
 	$(PY) benchmarks/pipeline.py --devices 1000 --days 42
 
-evaluate-skab: install
-	$(PY) manage.py evaluate skab ../shared/data/skab --json skab_results.json
+evaluate: install
+	$(PY) manage.py migrate --noinput -v 0
+	$(PY) manage.py evaluate skab ../shared/data/skab --json var/skab.json
+	$(PY) manage.py evaluate nab ../shared/data/nab --detector all --json var/nab.json
+	$(PY) manage.py evaluate cmapss ../shared/data/cmapss/train_FD001.txt --detector all --json var/cmapss.json
 
 clean:
 	rm -rf $(VENV) db.sqlite3* var/
