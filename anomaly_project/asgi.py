@@ -10,7 +10,9 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
-websocket_urlpatterns: list = []
+from explanations.routing import websocket_urlpatterns as explanation_routes  # noqa: E402
+
+websocket_urlpatterns: list = [*explanation_routes]
 
 application = ProtocolTypeRouter(
     {

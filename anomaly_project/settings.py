@@ -197,7 +197,7 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_TIME_LIMIT = envint("CELERY_TASK_TIME_LIMIT", 3600)
 CELERY_TASK_DEFAULT_QUEUE = "default"
-CELERY_TASK_ROUTES = {"detection.tasks.run_pipeline_task": {"queue": "ml"}}
+CELERY_TASK_ROUTES = {"detection.tasks.run_pipeline_task": {"queue": "ml"}, "explanations.tasks.*": {"queue": "ml"}}
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_TIMEZONE = TIME_ZONE
 
@@ -231,6 +231,24 @@ VIGIL_DETECTION = {
     "top_metrics": envint("VIGIL_TOP_METRICS", 5),
     "n_jobs": envint("VIGIL_N_JOBS", 2),
 }
+
+# --- Explanations: narrative writers. The built-in writer is the default and needs no network; the
+# LLM client speaks the OpenAI-compatible chat API (Ollama, vLLM, llama.cpp server, OpenAI).
+VIGIL_LLM = {
+    "provider": envstr("VIGIL_NARRATIVE_PROVIDER", "builtin"),
+    "base_url": envstr("VIGIL_LLM_BASE_URL", ""),
+    "model": envstr("VIGIL_LLM_MODEL", ""),
+    "api_key": envstr("VIGIL_LLM_API_KEY", ""),
+    "timeout": envfloat("VIGIL_LLM_TIMEOUT", 20.0),
+    "max_retries": envint("VIGIL_LLM_MAX_RETRIES", 2),
+    "backoff": envfloat("VIGIL_LLM_BACKOFF", 0.5),
+    "breaker_failures": envint("VIGIL_LLM_BREAKER_FAILURES", 3),
+    "breaker_reset_seconds": envfloat("VIGIL_LLM_BREAKER_RESET", 60.0),
+    "temperature": envfloat("VIGIL_LLM_TEMPERATURE", 0.2),
+    "max_tokens": envint("VIGIL_LLM_MAX_TOKENS", 400),
+}
+# Push finished explanations to the open anomaly page over the websocket (polling otherwise).
+VIGIL_EXPLANATION_PUSH = envbool("VIGIL_EXPLANATION_PUSH", False)
 
 LOGGING = {
     "version": 1,

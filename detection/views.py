@@ -94,3 +94,15 @@ def anomaly_list(request: HtmxHttpRequest, name: str) -> HttpResponse:
     response = render(request, template, context)
     patch_vary_headers(response, ("HX-Request",))
     return response
+
+
+@login_required
+def anomaly_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    """One scored result: device, time, score, threshold, severity, top metrics, and the explanation panel."""
+    from explanations.selectors import anomaly_get
+    from explanations.views import panel_context
+
+    anomaly = anomaly_get(pk=pk) if 0 < pk < 2**63 else None
+    if anomaly is None:
+        raise Http404(f"No scored result {pk}")
+    return render(request, "detection/anomaly_detail.html", panel_context(anomaly))

@@ -1,0 +1,371 @@
+"""Per-metric contributions to an anomaly score. Django-free: pandas/numpy in, dataclasses out.
+
+Three methods, tried in this order; Attribution.method says which one was used:
+
+- ``tree_shap``: exact Tree SHAP (Lundberg et al., "From local explanations to global understanding
+  with explainable AI for trees", Nature Machine Intelligence 2020; the ``shap`` library's
+  TreeExplainer) on the Isolation Forest inside AnomalyDetector and HybridAnomalyDetector.
+- ``kernel_shap``: Kernel SHAP (``shap.KernelExplainer``) on a small background sample, for any detector
+  with ``score_samples`` but no forest. (shap's permutation explainer would do too, but its first call
+  compiles with numba for several seconds.)
+- ``robust_z``: no model is evaluated; each of the stored top metrics gets a share of the score's excess
+  over the threshold in proportion to its |robust z|. Used when the model or the telemetry cannot be
+  reloaded. It is a ranking aid, not an attribution of the model, and has no additivity to check.
+
+Units. Tree SHAP explains what the trees output: the expected path length E[h(x)] of Liu, Ting & Zhou
+(ICDM 2008), whose score is s(x) = 2 ** (-E[h(x)] / c(n)). The SHAP values phi_j satisfy
+``expected_value + sum(phi) == E[h(x)]``; this additivity is checked against scikit-learn's own
+score_samples for every row. Contributions are then put in the units of the anomaly score by the
+Rescale rule (Shrikumar et al., DeepLIFT, ICML 2017): each phi_j is multiplied by
+(s(x) - s_base) / (E[h(x)] - expected_value), so they still add up exactly, now to the score. For the
+hybrid detector, whose score is (1 - w) * (forest - f_median) / f_scale + w * (temporal - t_median) /
+t_scale, the forest contributions are scaled by (1 - w) / f_scale and the temporal term is credited to
+the metric whose device-level z-score is the temporal score (the temporal score is a max, so that metric
+alone sets it). Base value plus contributions equals the fused score; explanations.services compares it
+with the score stored for the anomaly.
+
+The forest is trained on ``np.repeat(transform(X), repeats_, axis=1)``: a domain-weighted column appears
+up to MAX_REPEAT times, and the SHAP values of its copies are summed back into the one feature. Features
+are then summed by source metric: ``battery_level_roll_mean_z_cohort`` counts for battery_level.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+EULER_GAMMA = 0.5772156649015329
+METHOD_LABELS = {
+    "tree_shap": "SHAP TreeExplainer",
+    "kernel_shap": "SHAP KernelExplainer",
+    "robust_z": "robust z-score attribution (fallback)",
+}
+
+
+class AttributionError(ValueError):
+    """The detector cannot be attributed with the requested method (no forest, no background rows)."""
+
+
+@dataclass(frozen=True)
+class FeatureContribution:
+    """One model input column's contribution, in anomaly-score units.
+
+    column: the model input (``battery_level_roll_mean_z_cohort``); feature: the engineered feature it was
+    built from (``battery_level_roll_mean``); level: the baseline level of its z-score (None for raw
+    features); value: the column's value in the row (a robust z-score for ``*_z_*`` columns).
+    """
+
+    column: str
+    feature: str
+    metric: str
+    domain: str
+    level: str | None
+    value: float | None
+    contribution: float
+
+
+@dataclass(frozen=True)
+class MetricContribution:
+    """A source metric's total contribution (anomaly-score units) and its share of sum |contribution|."""
+
+    metric: str
+    domain: str
+    contribution: float
+    share: float
+
+
+@dataclass
+class Attribution:
+    """The contributions of one scored row.
+
+    base_value + sum(m.contribution for m in metrics) == output_value (the anomaly score), to rounding.
+    metrics: by |contribution|, largest first; features: likewise, one entry per model input column.
+    additivity: {"checked", "ok", "tolerance", "native_error" (Tree SHAP, path-length units),
+    "score_error" (score units), "native_units"}.
+    components: hybrid detector only, {"forest": {"score", "base", "contribution"}, "temporal":
+    {"score", "median", "metric", "contribution"}}.
+    """
+
+    method: str
+    note: str
+    base_value: float | None
+    output_value: float | None
+    metrics: list[MetricContribution]
+    features: list[FeatureContribution] = field(default_factory=list)
+    additivity: dict = field(default_factory=dict)
+    components: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return METHOD_LABELS.get(self.method, self.method)
+
+    def as_dict(self) -> dict:
+        return {"method": self.method, "label": self.label, "note": self.note, "base_value": self.base_value,
+                "output_value": self.output_value, "metrics": [dict(vars(m)) for m in self.metrics],
+                "features": [dict(vars(f)) for f in self.features], "additivity": dict(self.additivity),
+                "components": dict(self.components)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Attribution":
+        return cls(method=data["method"], note=data.get("note", ""), base_value=data.get("base_value"),
+                   output_value=data.get("output_value"),
+                   metrics=[MetricContribution(**m) for m in data.get("metrics", [])],
+                   features=[FeatureContribution(**f) for f in data.get("features", [])],
+                   additivity=dict(data.get("additivity", {})), components=dict(data.get("components", {})))
+
+
+# --- Tree SHAP ------------------------------------------------------------------------------------
+
+def average_path_length(n) -> np.ndarray:
+    """c(n), the average path length of an unsuccessful search in a binary search tree of n points:
+    2 H(n - 1) - 2 (n - 1) / n, with H(i) ~ ln(i) + Euler's gamma; 1 for n = 2, 0 for n <= 1
+    (Liu, Ting & Zhou 2008, eq. 1; scikit-learn's _average_path_length)."""
+    n = np.asarray(n, dtype="float64")
+    out = np.zeros_like(n)
+    out[n == 2] = 1.0
+    big = n > 2
+    out[big] = 2.0 * (np.log(n[big] - 1.0) + EULER_GAMMA) - 2.0 * (n[big] - 1.0) / n[big]
+    return out
+
+
+_EXPLAINERS: "weakref.WeakKeyDictionary[object, object]" = weakref.WeakKeyDictionary()
+
+
+def supports_tree_shap(detector) -> bool:
+    """True when the detector holds a fitted scikit-learn IsolationForest in ``forest_``."""
+    forest = getattr(detector, "forest_", None)
+    return forest is not None and hasattr(forest, "estimators_") and hasattr(forest, "estimators_features_")
+
+
+def tree_explainer(forest):
+    """A shap.TreeExplainer for a fitted IsolationForest, built once per forest object and cached.
+
+    shap's own IsolationForest loader computes each leaf's value with one scikit-learn call per leaf
+    (about 2 s for 300 trees); this builds the same trees (leaf value: depth + c(leaf samples), averaged
+    over trees) as arrays in about 40 ms. The values are the same to 1e-15 (tests/test_explanations_core).
+    """
+    cached = _EXPLAINERS.get(forest)
+    if cached is not None:
+        return cached
+    import shap
+
+    n_trees = len(forest.estimators_)
+    trees = []
+    for estimator, features in zip(forest.estimators_, forest.estimators_features_):
+        tree = estimator.tree_
+        left, right = tree.children_left, tree.children_right
+        depth = np.zeros(tree.node_count)
+        internal = np.flatnonzero(left >= 0)
+        for _ in range(tree.max_depth + 1):  # parents precede children; max_depth passes settle every depth
+            depth[left[internal]] = depth[internal] + 1
+            depth[right[internal]] = depth[internal] + 1
+        leaf = left < 0
+        values = np.where(leaf, depth + average_path_length(tree.n_node_samples), 0.0).reshape(-1, 1)
+        mapped = np.where(tree.feature >= 0, np.asarray(features)[np.maximum(tree.feature, 0)], -1)
+        trees.append({
+            "children_left": left.astype(np.int32), "children_right": right.astype(np.int32),
+            "children_default": left.astype(np.int32), "features": mapped.astype(np.int32),
+            "thresholds": tree.threshold.astype(np.float64), "values": values / n_trees,
+            "node_sample_weight": tree.weighted_n_node_samples.astype(np.float64),
+        })
+    explainer = shap.TreeExplainer({"trees": trees, "tree_output": "raw_value"})
+    _EXPLAINERS[forest] = explainer
+    return explainer
+
+
+def attribute_tree(detector, X: pd.DataFrame, *, feature_metric: dict[str, str], metric_domain: dict[str, str],
+                   levels=(), tolerance: float = 1e-6) -> list[Attribution]:
+    """Tree SHAP contributions for each row of X.
+
+    X: rows x (the detector's input columns: features_ and, for the hybrid detector, temporal_features_),
+        as explanations.rows.model_rows rebuilds them; NaNs are imputed by the detector as in scoring.
+    feature_metric: {model column or engineered feature: source metric}; metric_domain: {metric: domain}.
+    levels: the baseline levels, to split ``{feature}_z_{level}`` names.
+    tolerance: allowed |additivity error|, relative to max(1, |output|).
+    Raises AttributionError when the detector has no forest.
+    """
+    from .rows import split_model_column
+
+    if not supports_tree_shap(detector):
+        raise AttributionError(f"{type(detector).__name__} has no Isolation Forest to explain with Tree SHAP")
+    if X.empty:
+        return []
+    forest = detector.forest_
+    explainer = tree_explainer(forest)
+    matrix = np.repeat(detector.transform(X).astype(np.float32), detector.repeats_, axis=1)
+    phi_repeated = np.asarray(explainer.shap_values(matrix, check_additivity=False), dtype="float64")
+    expected = float(np.ravel(explainer.expected_value)[0])
+    # Sum the SHAP values of each column's copies back into one feature.
+    owner = np.repeat(np.arange(len(detector.features_)), detector.repeats_)
+    phi = np.zeros((len(X), len(detector.features_)))
+    np.add.at(phi.T, owner, phi_repeated.T)
+
+    c_n = float(average_path_length([forest.max_samples_])[0])
+    path = expected + phi.sum(axis=1)
+    forest_score = -forest.score_samples(matrix)  # scikit-learn's own score, in (0, 1]
+    true_path = -np.log2(forest_score) * c_n
+    native_error = np.abs(path - true_path)
+
+    base_score = 2.0 ** (-expected / c_n)
+    gap = path - expected
+    # Rescale rule; where the row sits at the expected path, the local derivative ds/dh.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        factor = np.where(np.abs(gap) > 1e-12, (forest_score - base_score) / gap,
+                          -math.log(2) / c_n * forest_score)
+    contrib = phi * factor[:, None]
+
+    hybrid = hasattr(detector, "scales_") and hasattr(detector, "temporal_features_")
+    columns = list(detector.features_)
+    if hybrid:
+        (fc, fs), (tc, ts) = detector.scales_
+        w = float(detector.config.temporal_weight)
+        contrib = contrib * (1 - w) / fs
+        base = np.full(len(X), (1 - w) * (base_score - fc) / fs)
+        temporal_cols = list(detector.temporal_features_)
+        temporal_abs = np.abs(X[temporal_cols].to_numpy(dtype="float64"))
+        clip = float(getattr(detector, "TEMPORAL_CLIP", np.inf))
+        temporal_abs = np.clip(np.nan_to_num(temporal_abs, nan=0.0, posinf=clip), 0, clip)
+        temporal = temporal_abs.max(axis=1)
+        which = temporal_abs.argmax(axis=1)
+        temporal_term = w * (temporal - tc) / ts
+        # The detector's fusion, from the forest score scikit-learn gave above (scoring the forest again
+        # through detector.score_samples would double the cost of one row); the caller compares the result
+        # with the stored score, which detector.score_samples produced.
+        score = (1 - w) * (forest_score - fc) / fs + temporal_term
+    else:
+        base = np.full(len(X), base_score)
+        score = forest_score
+    output = base + contrib.sum(axis=1) + (temporal_term if hybrid else 0.0)
+    score_error = np.abs(output - score)
+
+    values = X[columns].to_numpy(dtype="float64")
+    results = []
+    for r in range(len(X)):
+        features = []
+        for j, column in enumerate(columns):
+            feature, level = split_model_column(column, levels)
+            metric = feature_metric.get(column, feature_metric.get(feature, feature))
+            features.append(FeatureContribution(column, feature, metric, metric_domain.get(metric, "other"), level,
+                                                _num(values[r, j]), float(contrib[r, j])))
+        components = {}
+        if hybrid:
+            column = temporal_cols[which[r]]
+            feature, level = split_model_column(column, levels)
+            metric = feature_metric.get(column, feature_metric.get(feature, feature))
+            features.append(FeatureContribution(column, feature, metric, metric_domain.get(metric, "other"), level,
+                                                _num(X[column].iloc[r]), float(temporal_term[r])))
+            components = {
+                "forest": {"score": float(forest_score[r]), "base": float(base_score),
+                           "contribution": float(contrib[r].sum()), "weight": 1 - w},
+                "temporal": {"score": float(temporal[r]), "median": float(tc), "metric": metric, "column": column,
+                             "contribution": float(temporal_term[r]), "weight": w},
+            }
+        limit = tolerance * max(1.0, abs(float(true_path[r])))
+        ok = bool(native_error[r] <= limit and score_error[r] <= tolerance * max(1.0, abs(float(score[r]))))
+        results.append(_finish(
+            "tree_shap",
+            "Exact Tree SHAP of the forest's expected path length, rescaled to anomaly-score units"
+            + (" and joined by the hybrid detector's temporal term" if hybrid else ""),
+            float(base[r]), float(output[r]), features,
+            {"checked": True, "ok": ok, "tolerance": tolerance, "native_error": float(native_error[r]),
+             "score_error": float(score_error[r]), "native_units": "average path length",
+             "expected_value": expected, "native_output": float(true_path[r])},
+            components))
+    return results
+
+
+# --- Kernel SHAP (any detector) -------------------------------------------------------------------
+
+def attribute_kernel(detector, X: pd.DataFrame, background: pd.DataFrame, *, feature_metric: dict[str, str],
+                     metric_domain: dict[str, str], levels=(), max_background: int = 20, nsamples: int | str = "auto",
+                     seed: int = 0, tolerance: float = 1e-6) -> list[Attribution]:
+    """Kernel SHAP (Lundberg & Lee, "A unified approach to interpreting model predictions", NeurIPS 2017;
+    shap.KernelExplainer) on the detector's score_samples, for detectors without a tree explainer.
+
+    X, background: rows x the detector's input columns (background: reference rows, e.g. other samples of
+    the same devices; a seeded sample of at most max_background is used, NaNs filled with its medians).
+    Cost: nsamples ("auto": 2 x columns + 2048) coalitions x background rows model evaluations per row, so
+    keep the background small. Kernel SHAP's efficiency constraint makes base + contributions equal the
+    score, which is checked. Raises AttributionError without background rows.
+    """
+    import shap
+
+    from .rows import split_model_column
+
+    if background is None or background.empty:
+        raise AttributionError("Kernel SHAP needs background rows; none were given")
+    if X.empty:
+        return []
+    columns = list(X.columns)
+    ref = background[columns].sample(min(max_background, len(background)), random_state=seed)
+    medians = ref.median(numeric_only=True).fillna(0.0)
+    ref = ref.fillna(medians)
+
+    def score(a: np.ndarray) -> np.ndarray:
+        return detector.score_samples(pd.DataFrame(a, columns=columns))
+
+    explainer = shap.KernelExplainer(score, ref.to_numpy(dtype="float64"), seed=seed)
+    data = X[columns].fillna(medians).to_numpy(dtype="float64")
+    values = np.atleast_2d(np.asarray(explainer.shap_values(data, nsamples=nsamples, silent=True), dtype="float64"))
+    base = float(np.ravel(explainer.expected_value)[0])
+    scores = score(data)
+    results = []
+    for r in range(len(X)):
+        features = []
+        for j, column in enumerate(columns):
+            feature, level = split_model_column(column, levels)
+            metric = feature_metric.get(column, feature_metric.get(feature, feature))
+            features.append(FeatureContribution(column, feature, metric, metric_domain.get(metric, "other"), level,
+                                                _num(data[r, j]), float(values[r, j])))
+        output = base + float(values[r].sum())
+        error = abs(output - float(scores[r]))
+        results.append(_finish(
+            "kernel_shap", f"Kernel SHAP of the detector's score against {len(ref)} background rows", base,
+            output, features,
+            {"checked": True, "ok": bool(error <= tolerance * max(1.0, abs(float(scores[r])))),
+             "tolerance": tolerance, "native_error": error, "score_error": error, "native_units": "anomaly score"},
+            {}))
+    return results
+
+
+# --- Robust z fallback ----------------------------------------------------------------------------
+
+def attribute_robust_z(top_metrics: list[dict], *, score: float, threshold: float, reason: str = "") -> Attribution:
+    """Contributions from the stored top metrics alone: the score's excess over the threshold, shared in
+    proportion to each metric's |robust z|. top_metrics: dicts with metric, domain and z (the
+    AnomalyResult.top_metrics entries). No model is evaluated, so nothing is checked for additivity."""
+    usable = [m for m in top_metrics if m.get("z") is not None]
+    total = sum(abs(float(m["z"])) for m in usable)
+    excess = float(score) - float(threshold)
+    metrics = []
+    for m in usable:
+        share = abs(float(m["z"])) / total if total else 0.0
+        metrics.append(MetricContribution(m["metric"], m.get("domain", "other"), excess * share, share))
+    metrics.sort(key=lambda m: -abs(m.contribution))
+    note = "Shares of the score's excess over the threshold by |robust z|; no model was evaluated"
+    return Attribution("robust_z", f"{note} ({reason})" if reason else note, float(threshold), float(score),
+                       metrics, [], {"checked": False, "ok": None}, {})
+
+
+# --- shared ---------------------------------------------------------------------------------------
+
+def _finish(method: str, note: str, base: float, output: float, features: list[FeatureContribution],
+            additivity: dict, components: dict) -> Attribution:
+    totals: dict[str, float] = {}
+    domains: dict[str, str] = {}
+    for f in features:
+        totals[f.metric] = totals.get(f.metric, 0.0) + f.contribution
+        domains[f.metric] = f.domain
+    absolute = sum(abs(v) for v in totals.values()) or 1.0
+    metrics = sorted((MetricContribution(m, domains[m], v, abs(v) / absolute) for m, v in totals.items()),
+                     key=lambda m: -abs(m.contribution))
+    features = sorted(features, key=lambda f: -abs(f.contribution))
+    return Attribution(method, note, base, output, metrics, features, additivity, components)
+
+
+def _num(value) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
