@@ -247,8 +247,9 @@ VIGIL_LLM = {
     "temperature": envfloat("VIGIL_LLM_TEMPERATURE", 0.2),
     "max_tokens": envint("VIGIL_LLM_MAX_TOKENS", 400),
 }
-# Push finished explanations to the open anomaly page over the websocket (polling otherwise).
-VIGIL_EXPLANATION_PUSH = envbool("VIGIL_EXPLANATION_PUSH", False)
+# Push finished explanations to the open anomaly page over the websocket; the panel keeps polling
+# while an explanation is pending, so a page whose socket is down still updates.
+VIGIL_EXPLANATION_PUSH = envbool("VIGIL_EXPLANATION_PUSH", True)
 
 LOGGING = {
     "version": 1,
