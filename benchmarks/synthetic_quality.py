@@ -42,7 +42,7 @@ def main() -> None:
     call_command("migrate", verbosity=0)
     batch = generate_fleet(devices=args.devices, days=args.days, seed=args.seed)
     rows = []
-    for algorithm in ("isolation_forest", "hybrid"):
+    for algorithm in ("isolation_forest", "hybrid", "ensemble"):
         for z_level in ("global", "cohort"):
             name = f"quality-{algorithm.replace('_', '-')}-{z_level}"
             if (old := Fleet.objects.filter(name=name).first()) is not None:

@@ -52,10 +52,13 @@ class AnomalyDetectorConfig:
     max_samples: int | str = "auto"
     n_jobs: int = 1
     temporal_weight: float = 0.6
+    ensemble_members: tuple[str, ...] = ()  # EnsembleDetector only; empty means its default members
 
     @classmethod
     def from_mapping(cls, values: dict) -> "AnomalyDetectorConfig":
         known = {k: values[k] for k in cls.__dataclass_fields__ if k in values}
+        if "ensemble_members" in known:
+            known["ensemble_members"] = tuple(known["ensemble_members"])
         if "hybrid_temporal_weight" in values:
             known["temporal_weight"] = values["hybrid_temporal_weight"]
         return cls(**known)
@@ -96,6 +99,16 @@ class AnomalyDetector:
 
     name = "isolation_forest"
     MAX_REPEAT = 4
+    # Metadata read by the registry's users (automatic selection, the evaluate table, the API).
+    family = "machine learning"
+    multivariate = True
+    needs_training = True
+    streaming = True  # scores one row at a time once fitted
+    uses_temporal = False  # takes temporal_features in fit
+    hyperparameters = {
+        "contamination": {"default": 0.03, "min": 0.001, "max": 0.5},
+        "n_estimators": {"default": 300, "min": 10, "max": 2000},
+    }
 
     def __init__(self, config: AnomalyDetectorConfig | None = None, *,
                  feature_domain: dict[str, str] | None = None, domain_weights: dict[str, float] | None = None):
@@ -122,7 +135,6 @@ class AnomalyDetector:
 
     def fit(self, X: pd.DataFrame, features: list[str]) -> "AnomalyDetector":
         """X: rows x (at least `features`), float. Returns self."""
-        from sklearn.ensemble import IsolationForest
         from sklearn.preprocessing import StandardScaler
 
         self.preflight(X, features)
@@ -146,13 +158,19 @@ class AnomalyDetector:
         self.weights_ = domain_feature_weights(self.features_, self.feature_domain, self.domain_weights)
         self.repeats_ = np.array([min(self.MAX_REPEAT, max(1, round(self.weights_[f] / min(self.weights_.values()))))
                                   for f in self.features_])
-        # contamination="auto" spares sklearn a scoring pass; the threshold is set below from our own scores.
+        self._fit_model(X)
+        self.threshold_ = self._fit_threshold(X)
+        return self
+
+    def _fit_model(self, X: pd.DataFrame) -> None:
+        """Fit the scoring model on the (sampled) training rows; preprocessing is already fitted."""
+        from sklearn.ensemble import IsolationForest
+
+        # contamination="auto" spares sklearn a scoring pass; the threshold is set from our own scores.
         self.forest_ = IsolationForest(
             n_estimators=self.config.n_estimators, contamination="auto",
             random_state=self.config.random_state, max_samples=self.config.max_samples, n_jobs=self.config.n_jobs,
         ).fit(self._forest_matrix(X))
-        self.threshold_ = self._fit_threshold(X)
-        return self
 
     THRESHOLD_SAMPLE = 200_000
 
@@ -219,6 +237,9 @@ class HybridAnomalyDetector(AnomalyDetector):
 
     name = "hybrid"
     TEMPORAL_CLIP = 50.0
+    uses_temporal = True
+    hyperparameters = {**AnomalyDetector.hyperparameters,
+                       "temporal_weight": {"default": 0.6, "min": 0.0, "max": 1.0}}
 
     def fit(self, X: pd.DataFrame, features: list[str], temporal_features: list[str] | None = None
             ) -> "HybridAnomalyDetector":

@@ -18,6 +18,7 @@ import pandas as pd
 
 from baselines.engine import LEVELS, BaselineSet, apply_baselines, compute_baselines
 
+from . import suite  # noqa: F401  (registers the statistical, density and ensemble detectors)
 from .detectors import DETECTORS, AnomalyDetectorConfig, DetectorError
 from .features import FeatureConfig, build_features, resid_scales
 from .scoring import ScoreResult, score_frame
@@ -185,22 +186,15 @@ def run_core(df: pd.DataFrame, *, metrics: list[str], metric_domain: dict[str, s
             baselines = compute_baselines(
                 training_rows(frame), usable, levels, min_rows=config.baseline_min_rows,
                 cohort_columns=config.features.cohort_columns, seed=config.detector.random_state)
-            model_frame = apply_baselines(frame, baselines, (config.z_level,), features=usable, join=False)
-            model_features = list(model_frame.columns)
-            if config.temporal == "baseline":
-                recent = [f"{m}_roll_mean" for m in metrics if f"{m}_roll_mean" in usable]
-                temporal = apply_baselines(frame, baselines, ("device",), features=recent, join=False)
-            else:
-                temporal = frame[ff.resid_features]
-            temporal_features = list(temporal.columns)
-            model_frame = model_frame.join(temporal[[c for c in temporal_features if c not in model_frame]])
+            model_frame, model_features, temporal_features = model_inputs(
+                frame, baselines=baselines, usable=usable, metrics=metrics, config=config)
             s.rows = len(baselines.stats)
         except Exception as exc:  # any failure here degrades to raw features, by design
             logger.warning("baselines failed, falling back to raw features: %s", exc)
             warnings.append(f"baselines failed ({exc}); the model was trained on raw features instead")
-            baselines, model_features = None, usable
-            model_frame = frame[usable].join(frame[ff.resid_features])
-            temporal_features = ff.resid_features
+            baselines = None
+            model_frame, model_features, temporal_features = model_inputs(
+                frame, baselines=None, usable=usable, metrics=metrics, config=config)
             s.rows = 0
 
     detector_cls = DETECTORS[config.algorithm]
@@ -209,7 +203,7 @@ def run_core(df: pd.DataFrame, *, metrics: list[str], metric_domain: dict[str, s
     train = training_rows(model_frame)
     with stage("train") as s:
         try:
-            if config.algorithm == "hybrid":
+            if detector.uses_temporal:
                 detector.fit(train, model_features, temporal_features=temporal_features)
             else:
                 detector.fit(train, model_features)
@@ -242,6 +236,31 @@ def run_core(df: pd.DataFrame, *, metrics: list[str], metric_domain: dict[str, s
     scored = frame.loc[score_mask, ["device_id", "external_id", "timestamp"]].reset_index(drop=True)
     return PipelineOutput(scored, result, detector, baselines, model_features, warnings, timings, counts,
                           int(train_mask.sum()), replace(config, features=feature_config))
+
+
+def model_inputs(frame: pd.DataFrame, *, baselines: BaselineSet | None, usable: list[str], metrics: list[str],
+                 config: PipelineConfig) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """The detector's input columns for the rows of an engineered frame; training and serving both call it.
+
+    frame: build_features(...).frame. usable: the engineered features that trained (baselines.features
+    when there are baselines). Returns (model frame on frame's index, model features, temporal features):
+    with baselines, the robust z-scores at config.z_level plus the temporal columns (device-level z of the
+    rolling means, or the *_resid columns); without (the fall-back), the raw features plus *_resid.
+    Raises BaselineError (a ValueError) when the baselines lack a level or feature.
+    """
+    resid = [f"{m}_resid" for m in metrics]
+    if baselines is None:
+        return frame[usable].join(frame[resid]), list(usable), resid
+    model_frame = apply_baselines(frame, baselines, (config.z_level,), features=usable, join=False)
+    model_features = list(model_frame.columns)
+    if config.temporal == "baseline":
+        recent = [f"{m}_roll_mean" for m in metrics if f"{m}_roll_mean" in usable]
+        temporal = apply_baselines(frame, baselines, ("device",), features=recent, join=False)
+    else:
+        temporal = frame[resid]
+    temporal_features = list(temporal.columns)
+    model_frame = model_frame.join(temporal[[c for c in temporal_features if c not in model_frame]])
+    return model_frame, model_features, temporal_features
 
 
 class _Stage:
