@@ -79,7 +79,9 @@ INSTALLED_APPS = [
     "django.contrib.humanize",
     "django_htmx",
     "rest_framework",
+    "rest_framework.authtoken",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "django_filters",
     "simple_history",
     "django_celery_beat",
@@ -202,16 +204,37 @@ CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_TIMEZONE = TIME_ZONE
 
 # --- DRF ---------------------------------------------------------------------------------------
+# Clients send "Authorization: Token <key>" (tokens: admin, or `manage.py drf_create_token <user>`);
+# the web app's session works too. Roles (detection.permissions) decide what each user may do.
 REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_AUTHENTICATION_CLASSES": [
+        # Session first keeps the web app's anonymous answer a 403; /api/v1/ puts Token first (so a 401
+        # with a WWW-Authenticate challenge), see detection.api.views.API_AUTHENTICATION.
         "rest_framework.authentication.SessionAuthentication",
+        "rest_framework.authentication.TokenAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
-    "PAGE_SIZE": 50,
+    "PAGE_SIZE": envint("VIGIL_API_PAGE_SIZE", 50),
+    "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
+    "DEFAULT_THROTTLE_CLASSES": ["rest_framework.throttling.UserRateThrottle"],
+    "DEFAULT_THROTTLE_RATES": {"user": envstr("VIGIL_API_THROTTLE_USER", "1200/min")},
+    "EXCEPTION_HANDLER": "detection.api.errors.exception_handler",
 }
-SPECTACULAR_SETTINGS = {"TITLE": "Vigil API", "VERSION": "1", "SERVE_INCLUDE_SCHEMA": False}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Vigil API",
+    "DESCRIPTION": "Anomaly detection for device-fleet telemetry: scoring, runs, results, model versions.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    # Swagger UI's assets come from drf-spectacular-sidecar (served by WhiteNoise), never from a CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+}
+# Most observations one POST /api/v1/detect/batch may carry.
+MAX_BATCH_SIZE = envint("VIGIL_MAX_BATCH_SIZE", 500)
 
 # --- Detection defaults (the pipeline reads these; no literals in the numerical code) -------------
 VIGIL_DETECTION = {

@@ -44,3 +44,27 @@ class Trigger(models.TextChoices):
     API = "api", "API"
     SCHEDULE = "schedule", "Schedule"
     EVALUATION = "evaluation", "Evaluation"
+
+
+class Verdict(models.TextChoices):
+    TRUE_POSITIVE = "true_positive", "True positive"
+    FALSE_POSITIVE = "false_positive", "False positive"
+    NOT_SURE = "not_sure", "Not sure"
+
+
+class ReviewStatus(models.TextChoices):
+    """The anomaly list's review filter: open (no verdict yet), reviewed (any), or with a given verdict."""
+
+    OPEN = "open", "Open"
+    REVIEWED = "reviewed", "Reviewed"
+    TRUE_POSITIVE = "true_positive", "True positive"
+    FALSE_POSITIVE = "false_positive", "False positive"
+
+
+class Role(models.TextChoices):
+    """Cumulative roles, weakest first: each includes the ones before it (see detection.permissions)."""
+
+    VIEWER = "viewer", "Viewer"
+    REVIEWER = "reviewer", "Reviewer"
+    APPROVER = "approver", "Approver"
+    ADMIN = "admin", "Admin"

@@ -10,7 +10,7 @@ from django.conf import settings
 from django.db import models
 from simple_history.models import HistoricalRecords
 
-from .choices import Label, ModelStatus, RunStage, RunStatus, Severity, Trigger
+from .choices import Label, ModelStatus, RunStage, RunStatus, Severity, Trigger, Verdict
 
 DEFAULT_COHORT_COLUMNS = ["manufacturer", "model", "os_version"]
 DEVICE_ATTRIBUTE_COLUMNS = ["manufacturer", "model", "os_version", "store", "customer"]
@@ -231,3 +231,29 @@ class AnomalyResult(models.Model):
     @property
     def is_anomaly(self) -> bool:
         return self.label == Label.ANOMALY
+
+
+class AnomalyFeedback(models.Model):
+    """A reviewer's verdict on one anomaly: one current verdict per (anomaly, user), updated on re-submit.
+
+    client_id: set by a client that may submit the same verdict twice (offline queue); unique when set.
+    """
+
+    anomaly = models.ForeignKey(AnomalyResult, on_delete=models.CASCADE, related_name="feedback")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="anomaly_feedback")
+    verdict = models.CharField(max_length=20, choices=Verdict.choices)
+    comment = models.TextField(blank=True)
+    client_id = models.UUIDField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-updated_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(fields=["anomaly", "user"], name="uniq_feedback_per_user"),
+            models.UniqueConstraint(fields=["client_id"], condition=models.Q(client_id__isnull=False),
+                                    name="uniq_feedback_client_id"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.get_verdict_display()} on result {self.anomaly_id} by {self.user_id}"

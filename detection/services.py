@@ -1,4 +1,4 @@
-"""Writes for the detection app: creating and executing pipeline runs.
+"""Writes for the detection app: creating and executing pipeline runs, review feedback, model promotion.
 
 pipeline_run_execute is what both `manage.py run_pipeline` and the Celery task call. Stages run in
 the strict order ingest -> features -> baselines -> train -> score -> persist; the middle four are
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -19,12 +20,12 @@ from django.utils import timezone
 
 from baselines.models import BaselineStatistic, BaselineVersion
 
-from .choices import ModelStatus, RunStage, RunStatus, Trigger
+from .choices import Label, ModelStatus, RunStage, RunStatus, Trigger, Verdict
 from .ingest.bulk import bulk_insert, bulk_insert_columns
 from .ingest.loader import load_telemetry_frame
 from .ml.artifacts import FORMAT_VERSION, save_artifact
 from .ml.pipeline import PipelineConfig, PipelineOutput, StageError, TrainingWindow, run_core
-from .models import AnomalyResult, Fleet, ModelVersion, PipelineRun
+from .models import AnomalyFeedback, AnomalyResult, Fleet, ModelVersion, PipelineRun
 
 logger = logging.getLogger(__name__)
 
@@ -215,3 +216,110 @@ def fleet_delete(*, fleet: Fleet) -> None:
     with transaction.atomic():
         AnomalyResult.objects.filter(fleet=fleet).delete()
         fleet.delete()
+
+
+# --- review feedback and model versions ------------------------------------------------------------
+
+class FeedbackError(Exception):
+    """A verdict that cannot be recorded; field names the input at fault. Nothing was saved."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+FEEDBACK_COMMENT_MAX = 2000
+
+
+def feedback_give(*, anomaly: AnomalyResult, user, verdict: str, comment: str = "",
+                  client_id: str | uuid.UUID | None = None) -> AnomalyFeedback:
+    """Record user's verdict (true_positive, false_positive, not_sure) on an anomaly (label -1).
+
+    One current verdict per (anomaly, user): a re-submit updates it. client_id (a UUID, optional)
+    de-duplicates replays from an offline client: a known client_id returns the stored feedback
+    untouched. Raises FeedbackError naming the field (anomaly, verdict, comment, client_id).
+    """
+    if anomaly.label != Label.ANOMALY:
+        raise FeedbackError("anomaly", f"result {anomaly.pk} is not an anomaly; only anomalies take feedback")
+    if verdict not in Verdict.values:
+        raise FeedbackError("verdict", f"{verdict!r} is not one of {', '.join(Verdict.values)}")
+    comment = (comment or "").strip()
+    if len(comment) > FEEDBACK_COMMENT_MAX:
+        raise FeedbackError("comment", f"at most {FEEDBACK_COMMENT_MAX} characters, got {len(comment)}")
+    if client_id not in (None, ""):
+        try:
+            client_id = client_id if isinstance(client_id, uuid.UUID) else uuid.UUID(str(client_id))
+        except ValueError:
+            raise FeedbackError("client_id", f"{client_id!r} is not a UUID") from None
+    else:
+        client_id = None
+    with transaction.atomic():
+        if client_id is not None:
+            seen = AnomalyFeedback.objects.filter(client_id=client_id).first()
+            if seen is not None:
+                if (seen.anomaly_id, seen.user_id) != (anomaly.pk, user.pk):
+                    raise FeedbackError("client_id", f"{client_id} was already used for another verdict")
+                return seen
+        feedback, _ = AnomalyFeedback.objects.update_or_create(
+            anomaly=anomaly, user=user, defaults={"verdict": verdict, "comment": comment, "client_id": client_id})
+    return feedback
+
+
+class ModelVersionError(Exception):
+    """A promotion or rollback that cannot happen; field names what is at fault. Nothing changed."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+ROLLED_BACK = "rolled back"
+
+
+def _set_status(version: ModelVersion, status: str, user, reason: str = "") -> None:
+    version.status = status
+    version._history_user = user  # simple_history records who made the change, and why
+    version._change_reason = reason or f"set to {status}"
+    version.save(update_fields=["status"])
+
+
+def model_version_promote(*, version: ModelVersion, user) -> ModelVersion:
+    """Make a candidate model version its fleet's production model; the current production one is retired.
+
+    Both changes are audited by simple_history with user. Raises ModelVersionError("version") when the
+    version is not a candidate.
+    """
+    with transaction.atomic():
+        version = ModelVersion.objects.select_for_update().get(pk=version.pk)
+        if version.status != ModelStatus.CANDIDATE:
+            raise ModelVersionError(
+                "version", f"v{version.version} is {version.status}; only a candidate can be promoted")
+        for current in ModelVersion.objects.select_for_update().filter(fleet_id=version.fleet_id,
+                                                                        status=ModelStatus.PRODUCTION):
+            _set_status(current, ModelStatus.RETIRED, user)
+        _set_status(version, ModelStatus.PRODUCTION, user)
+    return version
+
+
+def model_version_rollback(*, fleet: Fleet, user) -> ModelVersion:
+    """Retire the fleet's production model and restore the retired version that was production before it.
+
+    "Before" is read from the history: the newest record of another version in production, skipping
+    versions that were themselves rolled back, so repeated rollbacks walk back in time instead of
+    toggling. Returns the restored version. Raises ModelVersionError("fleet") when there is no
+    production model or none to go back to.
+    """
+    with transaction.atomic():
+        current = ModelVersion.objects.select_for_update().filter(fleet=fleet, status=ModelStatus.PRODUCTION).first()
+        if current is None:
+            raise ModelVersionError("fleet", f"{fleet.name} has no production model to roll back")
+        earlier = (ModelVersion.history.filter(fleet_id=fleet.pk, status=ModelStatus.PRODUCTION)
+                   .exclude(id=current.pk).order_by("-history_date", "-history_id").values_list("id", flat=True))
+        retired = ModelVersion.objects.select_for_update().filter(fleet=fleet, status=ModelStatus.RETIRED).in_bulk()
+        previous = next((retired[pk] for pk in dict.fromkeys(earlier) if pk in retired
+                         and retired[pk].history.first().history_change_reason != ROLLED_BACK), None)
+        if previous is None:
+            raise ModelVersionError("fleet", f"{fleet.name} has no earlier production model to roll back to")
+        _set_status(current, ModelStatus.RETIRED, user, reason=ROLLED_BACK)
+        _set_status(previous, ModelStatus.PRODUCTION, user)
+    return previous

@@ -94,3 +94,14 @@ class AnomalyResultFactory(factory.django.DjangoModelFactory):
         {"metric": "wifi_rssi", "value": -88.0, "typical": -60.0, "z": -3.2},
         {"metric": "storage_free", "value": 0.4, "typical": 5.1, "z": -2.1},
     ]
+
+
+def user_with_role(username: str, role: str | None, **fields):
+    """A user in the role's group (viewer, reviewer, approver, admin), or in none for role=None."""
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.models import Group
+
+    user = get_user_model().objects.create_user(username, **fields)
+    if role:
+        user.groups.add(Group.objects.get_or_create(name=role)[0])
+    return user

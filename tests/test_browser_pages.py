@@ -21,6 +21,7 @@ from tests.factories import (
     FleetFactory,
     ModelVersionFactory,
     PipelineRunFactory,
+    user_with_role,
 )
 
 # Playwright's sync API runs an event loop in this thread; the ORM calls below are still synchronous.
@@ -140,7 +141,7 @@ def test_user_logs_in_and_browses_fleets_runs_and_anomalies(live_server, browser
 
 def test_empty_states_in_the_browser(live_server, browser, screenshot_dir, django_user_model):
     expect = pytest.importorskip("playwright.sync_api").expect
-    django_user_model.objects.create_user("eve", password="pw-eve")
+    user_with_role("eve", "viewer", password="pw-eve")
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(f"{live_server.url}/accounts/login/")
     page.get_by_label("Username").fill("eve")

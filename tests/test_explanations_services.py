@@ -27,7 +27,7 @@ from explanations.services import (
     explanation_run_generate,
 )
 from explanations.tasks import explain_run_task
-from tests.factories import AnomalyResultFactory
+from tests.factories import AnomalyResultFactory, user_with_role
 
 pytestmark = pytest.mark.django_db
 
@@ -53,7 +53,7 @@ def anomaly(small_run):
 
 @pytest.fixture
 def user_client(client, django_user_model):
-    client.force_login(django_user_model.objects.create_user("alice"))
+    client.force_login(user_with_role("alice", "viewer"))
     return client
 
 

@@ -14,6 +14,7 @@ from tests.factories import (
     FleetFactory,
     ModelVersionFactory,
     PipelineRunFactory,
+    user_with_role,
 )
 
 pytestmark = pytest.mark.django_db
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture
 def user_client(client, django_user_model):
-    client.force_login(django_user_model.objects.create_user("alice"))
+    client.force_login(user_with_role("alice", "viewer"))
     return client
 
 
@@ -93,7 +94,7 @@ def test_home_without_fleets_shows_the_commands_that_create_one(user_client):
 def test_home_query_count_does_not_grow_with_fleets(user_client, django_assert_max_num_queries):
     for _ in range(5):
         PipelineRunFactory(fleet=FleetFactory())
-    with django_assert_max_num_queries(5):
+    with django_assert_max_num_queries(6):  # session + user + roles + fleets + runs
         assert user_client.get(reverse("detection:home")).status_code == 200
 
 
@@ -273,15 +274,15 @@ def test_unknown_fleet_is_404(user_client, name):
 
 
 def test_anomaly_list_query_count_is_bounded(user_client, scored_fleet, django_assert_max_num_queries):
-    # session + user + fleet + latest scored run + count + one page of results with its joins
-    with django_assert_max_num_queries(7):
+    # session + user + roles + fleet + latest scored run + filter choices + count + one page of results
+    with django_assert_max_num_queries(9):
         response = user_client.get(anomalies_url())
     assert len(response.context["page"].object_list) == 50
 
 
 def test_run_list_query_count_is_bounded(user_client, scored_fleet, django_assert_max_num_queries):
     PipelineRunFactory.create_batch(20, fleet=scored_fleet[0], model_version=scored_fleet[1].model_version)
-    with django_assert_max_num_queries(5):
+    with django_assert_max_num_queries(6):  # session + user + roles + count + runs
         assert user_client.get(reverse("detection:run_list")).status_code == 200
 
 

@@ -36,3 +36,20 @@ def stage_breakdown(run: PipelineRun) -> list[dict]:
     labels = dict(RunStage.choices)
     return [{"stage": s, "label": labels.get(s, s), "seconds": timings.get(s), "rows": rows.get(s)}
             for s in stages]
+
+
+@register.filter
+def has_role(user, role: str) -> bool:
+    """{% if user|has_role:"reviewer" %}: whether user holds role (cumulative, superusers hold all)."""
+    from detection.permissions import user_has_role
+
+    return user_has_role(user, role)
+
+
+@register.filter
+def percent(value) -> str:
+    """A fraction as a percentage with two decimals ("0.42 %"); "–" when unknown."""
+    try:
+        return f"{float(value) * 100:.2f} %"
+    except (TypeError, ValueError):
+        return "–"

@@ -1,0 +1,149 @@
+from __future__ import annotations
+
+import math
+
+from django.conf import settings
+from rest_framework import serializers
+
+from baselines.models import BaselineVersion
+from detection.models import AnomalyResult, Device, Fleet, ModelVersion, PipelineRun
+
+
+class FleetSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Fleet
+        fields = ["id", "name", "description", "metric_schema", "cohort_columns", "config", "created_at"]
+        read_only_fields = fields
+
+
+class DeviceSerializer(serializers.ModelSerializer):
+    fleet = serializers.SlugRelatedField(slug_field="name", read_only=True)
+
+    class Meta:
+        model = Device
+        fields = ["id", "fleet", "external_id", "manufacturer", "model", "os_version", "store", "customer"]
+        read_only_fields = fields
+
+
+class PipelineRunSerializer(serializers.ModelSerializer):
+    fleet = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    model_version = serializers.SlugRelatedField(slug_field="version", read_only=True)
+    baseline_version = serializers.SlugRelatedField(slug_field="number", read_only=True)
+    duration_seconds = serializers.FloatField(read_only=True, allow_null=True)
+
+    class Meta:
+        model = PipelineRun
+        fields = ["id", "fleet", "status", "stage", "trigger", "params", "stage_timings", "row_counts", "warnings",
+                  "error", "model_version", "baseline_version", "n_scored", "n_anomalies", "threshold",
+                  "created_at", "started_at", "finished_at", "duration_seconds"]
+        read_only_fields = fields
+
+
+class PipelineRunCreateSerializer(serializers.Serializer):
+    """POST /runs/: start a pipeline run of a fleet. params: train_until (ISO timestamp),
+    train_rows_per_device (int), score ("all" or "after_training")."""
+
+    fleet = serializers.SlugRelatedField(slug_field="name", queryset=Fleet.objects.all())
+    params = serializers.DictField(required=False, default=dict)
+
+
+class AnomalyResultSerializer(serializers.ModelSerializer):
+    fleet = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    device = serializers.SlugRelatedField(slug_field="external_id", read_only=True)
+    model_version = serializers.SlugRelatedField(slug_field="version", read_only=True)
+    baseline_version = serializers.SlugRelatedField(slug_field="number", read_only=True)
+    is_anomaly = serializers.BooleanField(read_only=True)
+
+    class Meta:
+        model = AnomalyResult
+        fields = ["id", "run", "fleet", "device", "timestamp", "anomaly_score", "label", "is_anomaly", "threshold",
+                  "severity", "model_version", "baseline_version", "top_metrics"]
+        read_only_fields = fields
+
+
+class ModelVersionSerializer(serializers.ModelSerializer):
+    fleet = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    baseline_version = serializers.SlugRelatedField(slug_field="number", read_only=True)
+
+    class Meta:
+        model = ModelVersion
+        fields = ["id", "fleet", "version", "algorithm", "status", "params", "feature_list",
+                  "feature_domain_weights", "training_rows", "training_seconds", "metrics", "baseline_version",
+                  "run", "artifact_checksum", "format_version", "created_at"]
+        read_only_fields = fields
+
+
+class ModelVersionRollbackSerializer(serializers.Serializer):
+    fleet = serializers.SlugRelatedField(slug_field="name", queryset=Fleet.objects.all())
+
+
+class BaselineVersionSerializer(serializers.ModelSerializer):
+    fleet = serializers.SlugRelatedField(slug_field="name", read_only=True)
+
+    class Meta:
+        model = BaselineVersion
+        fields = ["id", "fleet", "number", "is_active", "levels", "feature_list", "min_rows", "row_count",
+                  "source", "reason", "run", "artifact_checksum", "format_version", "valid_from", "valid_to"]
+        read_only_fields = fields
+
+
+class MetricValueField(serializers.FloatField):
+    """A finite number or null (a missing value); booleans and NaN/inf are refused."""
+
+    default_error_messages = {"finite": "must be a finite number, not {value}.",
+                              "invalid": "must be a number or null."}
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("allow_null", True)
+        super().__init__(**kwargs)
+
+    def to_internal_value(self, data):
+        if isinstance(data, bool) or not isinstance(data, (int, float, str)):
+            self.fail("invalid")
+        value = super().to_internal_value(data)
+        if not math.isfinite(value):
+            self.fail("finite", value=data)
+        return value
+
+
+class ObservationSerializer(serializers.Serializer):
+    """One observation to score. fleet and device_id are checked against the database by the
+    serving service (detection.serving), which names the field it refuses."""
+
+    fleet = serializers.CharField(max_length=100)
+    device_id = serializers.CharField(max_length=200)
+    timestamp = serializers.DateTimeField()
+    metrics = serializers.DictField(child=MetricValueField(), allow_empty=False)
+
+
+class DetectionSerializer(serializers.Serializer):
+    """What detect answers for each observation (see detection.serving.detect_observations)."""
+
+    device_id = serializers.CharField()
+    timestamp = serializers.DateTimeField()
+    anomaly_score = serializers.FloatField()
+    is_anomaly = serializers.BooleanField()
+    severity = serializers.CharField(allow_null=True)
+    confidence = serializers.FloatField(help_text="|score - threshold| / (training score q0.99 - q0.5), in [0, 1]")
+    top_metrics = serializers.ListField(child=serializers.DictField())
+    model_version = serializers.IntegerField()
+    baseline_version = serializers.IntegerField(allow_null=True)
+    processing_time_ms = serializers.FloatField()
+
+
+class DetectionBatchSerializer(serializers.Serializer):
+    results = DetectionSerializer(many=True)
+    total_processed = serializers.IntegerField()
+
+
+class ObservationBatchSerializer(serializers.Serializer):
+    """POST /detect/batch: {"observations": [...]} (a bare JSON list is accepted too)."""
+
+    observations = ObservationSerializer(many=True, allow_empty=False)
+
+    def validate_observations(self, value):
+        limit = settings.MAX_BATCH_SIZE
+        if len(value) > limit:
+            raise serializers.ValidationError(f"at most {limit} observations per batch (MAX_BATCH_SIZE), "
+                                              f"got {len(value)}")
+        return value

@@ -1,0 +1,303 @@
+"""The detection API (/api/v1/): health, online scoring, and fleets, devices, runs, anomaly results,
+model versions and baseline versions. Views parse input, call one service or selector, render."""
+from __future__ import annotations
+
+import django_filters
+from django.conf import settings
+from django.db import transaction
+from django.shortcuts import get_object_or_404
+from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
+from rest_framework import mixins, serializers, status, viewsets
+from rest_framework.authentication import SessionAuthentication, TokenAuthentication
+from rest_framework.decorators import action
+from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.permissions import AllowAny
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from baselines.models import BaselineVersion
+from detection import serving, services
+from detection.choices import Label, ModelStatus, RunStatus, Severity, Trigger
+from detection.models import AnomalyResult, Device, Fleet, ModelVersion, PipelineRun
+
+from . import health
+from .errors import Conflict, Unavailable
+from .permissions import HasRole
+from .serializers import (
+    AnomalyResultSerializer, BaselineVersionSerializer, DetectionBatchSerializer, DetectionSerializer,
+    DeviceSerializer, FleetSerializer, ModelVersionRollbackSerializer, ModelVersionSerializer,
+    ObservationBatchSerializer, ObservationSerializer, PipelineRunCreateSerializer, PipelineRunSerializer,
+)
+
+# Clients use tokens, the web app its session; Token first so that an anonymous request gets a 401.
+API_AUTHENTICATION = [TokenAuthentication, SessionAuthentication]
+
+# --- health ------------------------------------------------------------------------------------
+
+HealthSerializer = inline_serializer("Health", {
+    "status": serializers.ChoiceField(choices=["ok", "down"]), "version": serializers.CharField(),
+    "checks": serializers.DictField()})
+
+
+class _Open(APIView):
+    authentication_classes: list = []
+    permission_classes = [AllowAny]
+    throttle_classes: list = []
+
+
+class HealthView(_Open):
+    """Every dependency: database, Celery broker, channel layer, production models. 503 if one is down."""
+
+    @extend_schema(responses={200: HealthSerializer, 503: HealthSerializer})
+    def get(self, request):
+        checks = {"database": health.check_database(), "broker": health.check_broker(),
+                  "channel_layer": health.check_channel_layer()}
+        checks["models"] = health.check_models() if checks["database"]["status"] == "ok" else \
+            {"status": "down", "error": "database is down"}
+        ok = all(c["status"] == "ok" for c in checks.values())
+        return Response({"status": "ok" if ok else "down", "version": health.app_version(), "checks": checks},
+                        status=status.HTTP_200_OK if ok else status.HTTP_503_SERVICE_UNAVAILABLE)
+
+
+class LivenessView(_Open):
+    """The process answers (no dependency is checked)."""
+
+    @extend_schema(responses={200: inline_serializer("Liveness", {"status": serializers.CharField()})})
+    def get(self, request):
+        return Response({"status": "ok"})
+
+
+class ReadinessView(_Open):
+    """Ready to serve: the database answers and every migration is applied (503 otherwise)."""
+
+    @extend_schema(responses={200: HealthSerializer, 503: HealthSerializer})
+    def get(self, request):
+        database = health.check_database()
+        checks = {"database": database}
+        if database["status"] == "ok":
+            try:
+                pending = health.migrations_pending()
+                checks["migrations"] = {"status": "ok" if pending == 0 else "down", "pending": pending}
+            except Exception as exc:
+                checks["migrations"] = {"status": "down", "error": f"{type(exc).__name__}: {exc}"}
+        ok = all(c["status"] == "ok" for c in checks.values())
+        return Response({"status": "ok" if ok else "down", "version": health.app_version(), "checks": checks},
+                        status=status.HTTP_200_OK if ok else status.HTTP_503_SERVICE_UNAVAILABLE)
+
+
+# --- detect --------------------------------------------------------------------------------------
+
+def _detect(observations: list[dict], *, batch: bool) -> list[dict]:
+    """Score validated observations (grouped by fleet), mapping serving errors to the request's fields."""
+    names = {o["fleet"] for o in observations}
+    fleets = {f.name: f for f in Fleet.objects.filter(name__in=names)}
+    for i, o in enumerate(observations):
+        if o["fleet"] not in fleets:
+            _raise(serving.ServingError(f"unknown fleet {o['fleet']!r}", field="fleet", index=i), batch=batch)
+    results: list[dict | None] = [None] * len(observations)
+    for name, fleet in fleets.items():
+        idx = [i for i, o in enumerate(observations) if o["fleet"] == name]
+        try:
+            scored = serving.detect_observations(fleet=fleet, observations=[observations[i] for i in idx])
+        except serving.ServingError as exc:
+            if exc.index is not None:
+                exc.index = idx[exc.index]
+            _raise(exc, batch=batch)
+        for i, r in zip(idx, scored):
+            results[i] = r
+    return results
+
+
+def _raise(exc: serving.ServingError, *, batch: bool):
+    detail = {exc.field: [str(exc)]}
+    if batch and exc.index is not None:
+        detail = {"observations": {str(exc.index): detail}}
+    if exc.status == 409:
+        raise Conflict(detail)
+    if exc.status == 503:
+        raise Unavailable(detail)
+    raise ValidationError(detail)
+
+
+class DetectView(APIView):
+    """Score one observation with the fleet's production model. Nothing is persisted."""
+
+    authentication_classes = API_AUTHENTICATION
+    permission_classes = [HasRole]
+    read_role = write_role = "viewer"
+
+    @extend_schema(request=ObservationSerializer, responses={
+        200: DetectionSerializer, 400: OpenApiResponse(description="a field is invalid; the body names it"),
+        409: OpenApiResponse(description="the fleet has no production model version")})
+    def post(self, request):
+        params = ObservationSerializer(data=request.data)
+        params.is_valid(raise_exception=True)
+        return Response(_detect([params.validated_data], batch=False)[0])
+
+
+class DetectBatchView(APIView):
+    """Score up to MAX_BATCH_SIZE observations: {"observations": [...]} or a bare list. Nothing is persisted."""
+
+    authentication_classes = API_AUTHENTICATION
+    permission_classes = [HasRole]
+    read_role = write_role = "viewer"
+
+    @extend_schema(request=ObservationBatchSerializer, responses={
+        200: DetectionBatchSerializer, 400: OpenApiResponse(description="a field is invalid; the body names it"),
+        409: OpenApiResponse(description="a fleet has no production model version")})
+    def post(self, request):
+        data = {"observations": request.data} if isinstance(request.data, list) else request.data
+        items = data.get("observations") if hasattr(data, "get") else None
+        if isinstance(items, list) and len(items) > settings.MAX_BATCH_SIZE:  # before validating every item
+            raise ValidationError({"observations": [f"at most {settings.MAX_BATCH_SIZE} observations per batch "
+                                                    f"(MAX_BATCH_SIZE), got {len(items)}"]})
+        params = ObservationBatchSerializer(data=data)
+        params.is_valid(raise_exception=True)
+        results = _detect(params.validated_data["observations"], batch=True)
+        return Response({"results": results, "total_processed": len(results)})
+
+
+# --- resources -----------------------------------------------------------------------------------
+
+class RoleViewSetMixin:
+    authentication_classes = API_AUTHENTICATION
+    permission_classes = [HasRole]
+    read_role = "viewer"
+    write_role = "approver"
+
+
+class FleetViewSet(RoleViewSetMixin, viewsets.ReadOnlyModelViewSet):
+    """Fleets, by name."""
+
+    serializer_class = FleetSerializer
+    queryset = Fleet.objects.all()
+    lookup_field = "name"
+    filterset_fields: list[str] = []
+
+
+class DeviceFilterSet(django_filters.FilterSet):
+    fleet = django_filters.CharFilter(field_name="fleet__name")
+    external_id = django_filters.CharFilter()
+    manufacturer = django_filters.CharFilter()
+    model = django_filters.CharFilter()
+    os_version = django_filters.CharFilter()
+    store = django_filters.CharFilter()
+    customer = django_filters.CharFilter()
+
+    class Meta:
+        model = Device
+        fields: list[str] = []
+
+
+class DeviceViewSet(RoleViewSetMixin, viewsets.ReadOnlyModelViewSet):
+    serializer_class = DeviceSerializer
+    queryset = Device.objects.select_related("fleet").order_by("fleet__name", "external_id")
+    filterset_class = DeviceFilterSet
+
+
+class PipelineRunFilterSet(django_filters.FilterSet):
+    fleet = django_filters.CharFilter(field_name="fleet__name")
+    status = django_filters.ChoiceFilter(choices=RunStatus.choices)
+    trigger = django_filters.ChoiceFilter(choices=Trigger.choices)
+
+    class Meta:
+        model = PipelineRun
+        fields: list[str] = []
+
+
+class PipelineRunViewSet(RoleViewSetMixin, mixins.CreateModelMixin, viewsets.ReadOnlyModelViewSet):
+    """Pipeline runs. POST starts one (approver: a run makes a new production model); poll GET /runs/{id}/."""
+
+    serializer_class = PipelineRunSerializer
+    queryset = PipelineRun.objects.select_related("fleet", "model_version", "baseline_version")
+    filterset_class = PipelineRunFilterSet
+
+    @extend_schema(request=PipelineRunCreateSerializer, responses={202: PipelineRunSerializer})
+    def create(self, request, *args, **kwargs):
+        params = PipelineRunCreateSerializer(data=request.data)
+        params.is_valid(raise_exception=True)
+        try:
+            with transaction.atomic():
+                run = services.pipeline_run_create(fleet=params.validated_data["fleet"], trigger=Trigger.API,
+                                                   user=request.user, params=params.validated_data["params"])
+                services.pipeline_run_enqueue(run=run)
+        except services.PipelineRunError as exc:
+            raise ValidationError({"params": [str(exc)]}) from None
+        run.refresh_from_db()
+        return Response(PipelineRunSerializer(run).data, status=status.HTTP_202_ACCEPTED)
+
+
+class AnomalyResultFilterSet(django_filters.FilterSet):
+    fleet = django_filters.CharFilter(field_name="fleet__name")
+    run = django_filters.NumberFilter(field_name="run_id")
+    device = django_filters.CharFilter(field_name="device__external_id")
+    severity = django_filters.ChoiceFilter(choices=Severity.choices)
+    label = django_filters.TypedChoiceFilter(choices=Label.choices, coerce=int)
+    timestamp = django_filters.IsoDateTimeFromToRangeFilter()
+    min_score = django_filters.NumberFilter(field_name="anomaly_score", lookup_expr="gte")
+
+    class Meta:
+        model = AnomalyResult
+        fields: list[str] = []
+
+
+class AnomalyResultViewSet(RoleViewSetMixin, viewsets.ReadOnlyModelViewSet):
+    """Scored results, newest first. Filters: fleet, run, device, severity, label (-1 anomaly, 1 normal),
+    timestamp_after / timestamp_before (ISO 8601), min_score."""
+
+    serializer_class = AnomalyResultSerializer
+    queryset = AnomalyResult.objects.select_related("fleet", "device", "model_version", "baseline_version")
+    filterset_class = AnomalyResultFilterSet
+
+
+class ModelVersionFilterSet(django_filters.FilterSet):
+    fleet = django_filters.CharFilter(field_name="fleet__name")
+    status = django_filters.ChoiceFilter(choices=ModelStatus.choices)
+
+    class Meta:
+        model = ModelVersion
+        fields: list[str] = []
+
+
+class ModelVersionViewSet(RoleViewSetMixin, viewsets.ReadOnlyModelViewSet):
+    """Model versions; approvers promote a candidate or roll a fleet back (both audited)."""
+
+    serializer_class = ModelVersionSerializer
+    queryset = ModelVersion.objects.select_related("fleet", "baseline_version")
+    filterset_class = ModelVersionFilterSet
+
+    @extend_schema(request=None, responses={200: ModelVersionSerializer})
+    @action(detail=True, methods=["post"])
+    def promote(self, request, pk=None):
+        version = self.get_object()
+        try:
+            version = services.model_version_promote(version=version, user=request.user)
+        except services.ModelVersionError as exc:
+            raise ValidationError({exc.field: [str(exc).split(": ", 1)[-1]]}) from None
+        return Response(ModelVersionSerializer(version).data)
+
+    @extend_schema(request=ModelVersionRollbackSerializer, responses={200: ModelVersionSerializer})
+    @action(detail=False, methods=["post"])
+    def rollback(self, request):
+        params = ModelVersionRollbackSerializer(data=request.data)
+        params.is_valid(raise_exception=True)
+        try:
+            version = services.model_version_rollback(fleet=params.validated_data["fleet"], user=request.user)
+        except services.ModelVersionError as exc:
+            raise ValidationError({exc.field: [str(exc).split(": ", 1)[-1]]}) from None
+        return Response(ModelVersionSerializer(version).data)
+
+
+class BaselineVersionFilterSet(django_filters.FilterSet):
+    fleet = django_filters.CharFilter(field_name="fleet__name")
+    is_active = django_filters.BooleanFilter()
+
+    class Meta:
+        model = BaselineVersion
+        fields: list[str] = []
+
+
+class BaselineVersionViewSet(RoleViewSetMixin, viewsets.ReadOnlyModelViewSet):
+    serializer_class = BaselineVersionSerializer
+    queryset = BaselineVersion.objects.select_related("fleet").order_by("fleet__name", "-number")
+    filterset_class = BaselineVersionFilterSet

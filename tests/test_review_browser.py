@@ -1,0 +1,101 @@
+"""The review app in headless Chromium: a reviewer filters the list, opens an anomaly and marks it a false
+positive with the "f" key; j moves to the next anomaly. Screenshots at 1280 and 360 px of the overview,
+the list and the detail page go to $VIGIL_SCREENSHOT_DIR (default var/screenshots/).
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import factory
+import pytest
+
+from detection.choices import Label, ModelStatus, Severity, Verdict
+from detection.models import AnomalyFeedback
+from tests.factories import (
+    AnomalyResultFactory, DeviceFactory, FleetFactory, ModelVersionFactory, PipelineRunFactory, user_with_role,
+)
+from tests.test_browser_pages import WIDTHS, browser, screenshot_dir  # noqa: F401 (fixtures)
+
+os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+
+def _shoot(page, folder, name: str) -> None:
+    """Full-page screenshots at each width, once the charts have redrawn for it."""
+    for width in WIDTHS:
+        page.set_viewport_size({"width": width, "height": 900})
+        page.wait_for_timeout(300)
+        assert page.evaluate("document.documentElement.scrollWidth") <= width, f"{name} overflows at {width} px"
+        page.screenshot(path=str(folder / f"{name}-{width}.png"), full_page=True)
+    page.set_viewport_size({"width": 1280, "height": 900})
+
+
+@pytest.fixture
+def review_data():
+    fleet = FleetFactory(name="demo", description="Synthetic warehouse scanners, 14 days")
+    devices = [DeviceFactory(fleet=fleet, external_id=f"scanner-{i:03d}", model=m, store=s)
+               for i, (m, s) in enumerate([("TC52", "north"), ("TC57", "south"), ("MC33", "north")] * 4)]
+    model = ModelVersionFactory(fleet=fleet, version=2, status=ModelStatus.PRODUCTION, training_rows=20160,
+                                training_seconds=12.5, feature_list=["a"] * 24,
+                                params={"n_estimators": 200, "contamination": 0.01})
+    run = PipelineRunFactory(fleet=fleet, model_version=model, baseline_version=model.baseline_version,
+                             n_anomalies=60)
+    severities = factory.Iterator([Severity.CRITICAL, Severity.HIGH, Severity.MEDIUM, Severity.LOW, Severity.HIGH])
+    common = {"run": run, "model_version": model, "device": factory.Iterator(devices)}
+    AnomalyResultFactory.create_batch(60, severity=severities, **common)
+    scores = factory.Iterator([0.1 + i / 200 for i in range(100)])
+    AnomalyResultFactory.create_batch(300, label=Label.NORMAL, severity="", anomaly_score=scores, **common)
+    return fleet, run
+
+
+def test_reviewer_filters_opens_an_anomaly_and_marks_it_false_positive(live_server, browser, review_data,
+                                                                       screenshot_dir):
+    expect = pytest.importorskip("playwright.sync_api").expect
+    user_with_role("rita", "reviewer", password="pw-rita")
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(f"{page.url}: {exc}"))
+    page.goto(f"{live_server.url}/accounts/login/?next=/fleets/demo/")
+    page.get_by_label("Username").fill("rita")
+    page.get_by_label("Password").fill("pw-rita")
+    page.get_by_role("button", name="Log in").click()
+
+    expect(page.get_by_role("heading", name="demo · overview")).to_be_visible()
+    expect(page.locator("#score-histogram svg")).to_be_visible()
+    expect(page.locator("#anomaly-trend svg")).to_be_visible()
+    expect(page.get_by_role("button", name="Run pipeline")).to_have_count(0)  # reviewers cannot start runs
+    _shoot(page, screenshot_dir, "review-overview")
+
+    page.goto(f"{live_server.url}/fleets/demo/anomalies/")
+    table = page.locator("#anomaly-table")
+    expect(table).to_contain_text("1–50 of 60 anomalies")
+    table.get_by_label("Severity").select_option("critical")
+    expect(page).to_have_url(re.compile(r"severity=critical"))
+    expect(table).to_contain_text("of 12 anomalies")
+    table.get_by_label("Store").select_option("south")
+    expect(page).to_have_url(re.compile(r"store=south"))
+    expect(table).to_contain_text("of 4 anomalies")
+    table.get_by_label("Review").select_option("open")
+    expect(table.locator("tbody tr")).to_have_count(4)
+    _shoot(page, screenshot_dir, "review-list")
+
+    table.locator("tbody tr").first.get_by_role("link").first.click()
+    expect(page.get_by_role("heading", name="Review")).to_be_visible()
+    detail_url = page.url
+    page.wait_for_load_state("load")  # the shortcut script is deferred: let it bind before typing
+    page.keyboard.press("f")
+    expect(page.locator('#feedback button[data-shortcut="f"]')).to_have_attribute("aria-pressed", "true")
+    expect(page.locator("#feedback")).to_contain_text("False positive · 1")
+    expect(page.locator("#feedback")).to_contain_text("rita")
+    assert AnomalyFeedback.objects.get().verdict == Verdict.FALSE_POSITIVE
+    _shoot(page, screenshot_dir, "review-detail")
+
+    page.keyboard.press("j")  # the next (older) anomaly of the run
+    expect(page).not_to_have_url(detail_url)
+    expect(page.locator("#feedback")).to_contain_text("No verdict yet")
+
+    page.goto(f"{live_server.url}/fleets/demo/anomalies/?severity=critical&store=south&review=open")
+    expect(page.locator("#anomaly-table tbody tr")).to_have_count(3)  # the reviewed one left the open list
+    assert not errors, errors
