@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,3 +24,29 @@ def shared_data() -> Path:
 def _artifact_dir(settings, tmp_path):
     """Every test writes model and baseline artifacts into its own temporary folder."""
     settings.VIGIL_ARTIFACT_DIR = tmp_path / "artifacts"
+
+
+# --- Browser tests: Debian's Chromium driven by Playwright, never a downloaded browser -------------
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="session")
+def screenshot_dir() -> Path:
+    folder = Path(os.environ.get("VIGIL_SCREENSHOT_DIR") or REPO_ROOT / "var" / "screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"\nscreenshots: {folder}")
+    return folder
+
+
+@pytest.fixture
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not shutil.which(CHROMIUM):
+        # On CI a missing browser is a failure, not a skip (DEVELOPERS.md).
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"{CHROMIUM} is missing (apt-get install -y chromium)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()

@@ -15,7 +15,7 @@ from detection.models import AnomalyFeedback
 from tests.factories import (
     AnomalyResultFactory, DeviceFactory, FleetFactory, ModelVersionFactory, PipelineRunFactory, user_with_role,
 )
-from tests.test_browser_pages import WIDTHS, browser, screenshot_dir  # noqa: F401 (fixtures)
+from tests.test_browser_pages import WIDTHS
 
 os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
 
