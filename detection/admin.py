@@ -4,7 +4,9 @@
 from django.contrib import admin
 from simple_history.admin import SimpleHistoryAdmin
 
-from .models import AnomalyResult, Device, Fleet, GroundTruthLabel, ModelVersion, PipelineRun, Telemetry
+from .models import (
+    AnomalyFeedback, AnomalyResult, Device, Fleet, GroundTruthLabel, ModelVersion, PipelineRun, Telemetry,
+)
 
 
 @admin.register(Fleet)
@@ -65,3 +67,12 @@ class AnomalyResultAdmin(admin.ModelAdmin):
     raw_id_fields = ["run", "fleet", "device", "model_version", "baseline_version"]
     search_fields = ["device__external_id"]
     show_full_result_count = False
+
+
+@admin.register(AnomalyFeedback)
+class AnomalyFeedbackAdmin(admin.ModelAdmin):
+    list_display = ["anomaly", "user", "verdict", "updated_at"]
+    list_filter = ["verdict"]
+    list_select_related = ["anomaly", "user"]
+    raw_id_fields = ["anomaly", "user"]
+    search_fields = ["comment", "user__username"]

@@ -9,7 +9,6 @@ websocket push (explanations.consumers) where the page has one.
 from __future__ import annotations
 
 from django.conf import settings
-from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
@@ -17,6 +16,7 @@ from django.views.decorators.http import require_GET, require_POST
 from django_htmx.http import HTMX_STOP_POLLING
 
 from detection.choices import Label
+from detection.permissions import role_required
 
 from . import selectors, services
 from .narrative import PROVIDERS
@@ -48,7 +48,7 @@ def panel_context(anomaly, *, error: str = "") -> dict:
     }
 
 
-@login_required
+@role_required("viewer")
 @require_GET
 def explanation_panel(request: HttpRequest, pk: int) -> HttpResponse:
     """The panel alone. While a generation is open the panel polls this view; once it is not, 286."""
@@ -58,7 +58,7 @@ def explanation_panel(request: HttpRequest, pk: int) -> HttpResponse:
     return render(request, PANEL_TEMPLATE, context, status=status)
 
 
-@login_required
+@role_required("viewer")
 @require_POST
 def explanation_create(request: HttpRequest, pk: int) -> HttpResponse:
     """Explain (or with regenerate=1, explain again). Form fields: provider (builtin | llm), regenerate."""

@@ -335,3 +335,15 @@ def test_api_refuses_to_explain_a_normal_result(user_client, small_run):
     normal = AnomalyResult.objects.filter(run=small_run, label=1).first()
     response = user_client.post("/api/explanations/generate/", {"anomaly": normal.pk}, content_type="application/json")
     assert response.status_code == 400 and "not an anomaly" in response.json()["anomaly"]
+
+
+@pytest.mark.django_db
+def test_user_without_a_role_cannot_read_or_request_explanations(client):
+    from tests.factories import AnomalyResultFactory, user_with_role
+
+    anomaly = AnomalyResultFactory(label=-1)
+    client.force_login(user_with_role("outsider", None))
+    assert client.get(f"/anomalies/{anomaly.pk}/explanation/").status_code == 403
+    assert client.post(f"/anomalies/{anomaly.pk}/explanation/generate/").status_code == 403
+    client.force_login(user_with_role("vera", "viewer"))
+    assert client.get(f"/anomalies/{anomaly.pk}/explanation/").status_code == 200
