@@ -10,9 +10,10 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
+from detection.routing import websocket_urlpatterns as fleet_routes  # noqa: E402
 from explanations.routing import websocket_urlpatterns as explanation_routes  # noqa: E402
 
-websocket_urlpatterns: list = [*explanation_routes]
+websocket_urlpatterns: list = [*fleet_routes, *explanation_routes]
 
 application = ProtocolTypeRouter(
     {

@@ -273,6 +273,9 @@ VIGIL_LLM = {
 # Push finished explanations to the open anomaly page over the websocket; the panel keeps polling
 # while an explanation is pending, so a page whose socket is down still updates.
 VIGIL_EXPLANATION_PUSH = envbool("VIGIL_EXPLANATION_PUSH", True)
+# Push run progress, finished runs, review feedback and model changes to open fleet pages over the
+# websocket (detection.push); the pages keep polling, so a page whose socket is down still updates.
+VIGIL_LIVE_PUSH = envbool("VIGIL_LIVE_PUSH", True)
 
 LOGGING = {
     "version": 1,

@@ -26,6 +26,7 @@ from .ingest.loader import load_telemetry_frame
 from .ml.artifacts import FORMAT_VERSION, save_artifact
 from .ml.pipeline import PipelineConfig, PipelineOutput, StageError, TrainingWindow, run_core
 from .models import AnomalyFeedback, AnomalyResult, Fleet, ModelVersion, PipelineRun
+from .push import push_feedback, push_run_finished, push_run_progress, push_versions_changed
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ def pipeline_run_execute(*, run_id: int, progress: Progress | None = None) -> Pi
         else:
             run.stage = stage
             PipelineRun.objects.filter(id=run.id).update(stage=stage)
+        transaction.on_commit(lambda: push_run_progress(run))
         if progress:
             progress(run, stage, info)
 
@@ -127,6 +129,7 @@ def _finish(run: PipelineRun, status: str, *, error: str = "") -> PipelineRun:
         run.stage = RunStage.DONE
     run.save(update_fields=["status", "error", "finished_at", "stage", "warnings", "stage_timings", "row_counts",
                             "model_version", "baseline_version", "n_scored", "n_anomalies", "threshold"])
+    transaction.on_commit(lambda: push_run_finished(run))
     return run
 
 
@@ -262,6 +265,7 @@ def feedback_give(*, anomaly: AnomalyResult, user, verdict: str, comment: str = 
                 return seen
         feedback, _ = AnomalyFeedback.objects.update_or_create(
             anomaly=anomaly, user=user, defaults={"verdict": verdict, "comment": comment, "client_id": client_id})
+        transaction.on_commit(lambda: push_feedback(feedback))
     return feedback
 
 
@@ -298,6 +302,7 @@ def model_version_promote(*, version: ModelVersion, user) -> ModelVersion:
                                                                         status=ModelStatus.PRODUCTION):
             _set_status(current, ModelStatus.RETIRED, user)
         _set_status(version, ModelStatus.PRODUCTION, user)
+        transaction.on_commit(lambda: push_versions_changed(version.fleet))
     return version
 
 
@@ -322,4 +327,5 @@ def model_version_rollback(*, fleet: Fleet, user) -> ModelVersion:
             raise ModelVersionError("fleet", f"{fleet.name} has no earlier production model to roll back to")
         _set_status(current, ModelStatus.RETIRED, user, reason=ROLLED_BACK)
         _set_status(previous, ModelStatus.PRODUCTION, user)
+        transaction.on_commit(lambda: push_versions_changed(fleet))
     return previous

@@ -49,6 +49,13 @@ def _id_or_none(raw: str | None) -> int | None:
     return value if 0 < value < 2**63 else None
 
 
+def _live_push() -> bool:
+    """Whether fleet pages connect to ws/fleets/<name>/ for live updates (detection.push)."""
+    from .push import live_push_enabled
+
+    return live_push_enabled()
+
+
 def _wants_partial(request: HtmxHttpRequest) -> bool:
     # A history restore (cache miss after Back) needs the whole page, not the fragment.
     return bool(request.htmx) and not request.htmx.history_restore_request
@@ -63,7 +70,7 @@ def home(request: HtmxHttpRequest) -> HttpResponse:
 def run_list(request: HtmxHttpRequest, name: str | None = None) -> HttpResponse:
     fleet = _fleet_or_404(name) if name is not None else None
     page = Paginator(selectors.run_list(fleet=fleet), RUNS_PER_PAGE).get_page(request.GET.get("page"))
-    return render(request, "detection/run_list.html", {"fleet": fleet, "page": page})
+    return render(request, "detection/run_list.html", {"fleet": fleet, "page": page, "live_push": _live_push()})
 
 
 @role_required(Role.VIEWER)
@@ -96,6 +103,7 @@ def anomaly_list(request: HtmxHttpRequest, name: str) -> HttpResponse:
         "sort": sort,
         "sort_options": ANOMALY_SORT_OPTIONS,
         "requested_run": requested_run if run_not_found else None,
+        "live_push": _live_push(),
     }
     partial = _wants_partial(request)
     template = "detection/partials/anomaly_table.html" if partial else "detection/anomaly_list.html"
@@ -115,7 +123,7 @@ def anomaly_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
         raise Http404(f"No scored result {pk}")
     previous_id, next_id = selectors.anomaly_neighbours(anomaly=anomaly) if anomaly.is_anomaly else (None, None)
     context = {**panel_context(anomaly), **_feedback_context(anomaly, request.user),
-               "previous_id": previous_id, "next_id": next_id}
+               "previous_id": previous_id, "next_id": next_id, "fleet_push": _live_push()}
     return render(request, "detection/anomaly_detail.html", context)
 
 
@@ -166,6 +174,7 @@ def fleet_overview(request: HtmxHttpRequest, name: str) -> HttpResponse:
         "kpis": selectors.run_kpis(run=run) if run else None,
         "charts": {"histogram": selectors.score_histogram(run=run), "trend": selectors.anomaly_trend(run=run)}
         if run else None,
+        "live_push": _live_push(),
     }
     return render(request, "detection/fleet_overview.html", context)
 
