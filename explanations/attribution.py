@@ -242,14 +242,10 @@ def attribute_tree(detector, X: pd.DataFrame, *, feature_metric: dict[str, str],
     score_error = np.abs(output - score)
 
     values = X[columns].to_numpy(dtype="float64")
+    meta = _column_meta(columns, levels, feature_metric, metric_domain)
     results = []
     for r in range(len(X)):
-        features = []
-        for j, column in enumerate(columns):
-            feature, level = split_model_column(column, levels)
-            metric = feature_metric.get(column, feature_metric.get(feature, feature))
-            features.append(FeatureContribution(column, feature, metric, metric_domain.get(metric, "other"), level,
-                                                _num(values[r, j]), float(contrib[r, j])))
+        features = _contributions(meta, values[r], contrib[r])
         components = {}
         if hybrid:
             column = temporal_cols[which[r]]
@@ -312,14 +308,10 @@ def attribute_kernel(detector, X: pd.DataFrame, background: pd.DataFrame, *, fea
     values = np.atleast_2d(np.asarray(explainer.shap_values(data, nsamples=nsamples, silent=True), dtype="float64"))
     base = float(np.ravel(explainer.expected_value)[0])
     scores = score(data)
+    meta = _column_meta(columns, levels, feature_metric, metric_domain)
     results = []
     for r in range(len(X)):
-        features = []
-        for j, column in enumerate(columns):
-            feature, level = split_model_column(column, levels)
-            metric = feature_metric.get(column, feature_metric.get(feature, feature))
-            features.append(FeatureContribution(column, feature, metric, metric_domain.get(metric, "other"), level,
-                                                _num(data[r, j]), float(values[r, j])))
+        features = _contributions(meta, data[r], values[r])
         output = base + float(values[r].sum())
         error = abs(output - float(scores[r]))
         results.append(_finish(
@@ -369,3 +361,21 @@ def _finish(method: str, note: str, base: float, output: float, features: list[F
 def _num(value) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+def _column_meta(columns, levels, feature_metric, metric_domain) -> list[tuple]:
+    """(column, feature, metric, domain, level) per model column, worked out once per call, not per row."""
+    from .rows import split_model_column
+
+    meta = []
+    for column in columns:
+        feature, level = split_model_column(column, levels)
+        metric = feature_metric.get(column, feature_metric.get(feature, feature))
+        meta.append((column, feature, metric, metric_domain.get(metric, "other"), level))
+    return meta
+
+
+def _contributions(meta: list[tuple], values, contributions) -> list["FeatureContribution"]:
+    """One row's FeatureContribution per column, from its input values and SHAP contributions."""
+    return [FeatureContribution(column, feature, metric, domain, level, _num(v), float(c))
+            for (column, feature, metric, domain, level), v, c in zip(meta, values, contributions)]
