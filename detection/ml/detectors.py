@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from .features import MAD_TO_SIGMA
+from .features import robust_center_scale
 
 DETECTORS: dict[str, type["AnomalyDetector"]] = {}
 
@@ -274,6 +274,6 @@ class HybridAnomalyDetector(AnomalyDetector):
 
 
 def _robust_center_scale(x: np.ndarray) -> tuple[float, float]:
-    center = float(np.median(x))
-    scale = MAD_TO_SIGMA * float(np.median(np.abs(x - center)))
-    return center, scale if scale > 0 else float(np.std(x)) or 1.0
+    """Median and MAD-scaled spread of one score vector (see features.robust_center_scale)."""
+    center, scale = robust_center_scale(np.asarray(x, dtype="float64")[:, None])
+    return float(center[0]), float(scale[0])

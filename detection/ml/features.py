@@ -100,7 +100,8 @@ def build_features(df: pd.DataFrame, metrics: list[str], config: FeatureConfig |
 
     raw = values.to_numpy()
     known = dict(config.resid_scale)
-    spread = np.array([known[m] for m in metrics]) if all(m in known for m in metrics) else _robust_spread(raw)
+    spread = np.array([known[m] for m in metrics]) if all(m in known for m in metrics) \
+        else robust_center_scale(raw)[1]
     for j, m in enumerate(metrics):
         out[f"{m}_roll_mean"] = roll_mean[:, j]
         out[f"{m}_roll_std"] = roll_std[:, j]
@@ -119,7 +120,7 @@ def build_features(df: pd.DataFrame, metrics: list[str], config: FeatureConfig |
 def resid_scales(df: pd.DataFrame, metrics: list[str]) -> tuple[tuple[str, float], ...]:
     """Each metric's robust spread (1.4826 * MAD, else the standard deviation, else 1) over the rows
     of `df` (rows x metrics), for FeatureConfig.resid_scale."""
-    spread = _robust_spread(df[metrics].to_numpy(dtype="float64"))
+    spread = robust_center_scale(df[metrics].to_numpy(dtype="float64"))[1]
     return tuple((m, float(v)) for m, v in zip(metrics, spread))
 
 
@@ -142,12 +143,15 @@ def _lagged_delta(df: pd.DataFrame, values: pd.DataFrame, metrics: list[str], la
     return values.to_numpy() - merged[metrics].to_numpy()
 
 
-def _robust_spread(x: np.ndarray) -> np.ndarray:
-    """Per-column MAD-scaled spread, with the standard deviation and then 1.0 as fall-backs."""
+def robust_center_scale(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column median and MAD-scaled spread (1.4826 * MAD) of x (rows x columns), NaNs ignored.
+
+    The spread falls back to the standard deviation where the MAD is 0, then to 1.0 (a constant or
+    all-NaN column), so it can always divide."""
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column: handled below
         med = np.nanmedian(x, axis=0)
         spread = MAD_TO_SIGMA * np.nanmedian(np.abs(x - med), axis=0)
         std = np.nanstd(x, axis=0)
     spread = np.where(spread > 0, spread, std)
-    return np.where(np.isfinite(spread) & (spread > 0), spread, 1.0)
+    return med, np.where(np.isfinite(spread) & (spread > 0), spread, 1.0)

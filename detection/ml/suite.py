@@ -24,7 +24,7 @@ import pandas as pd
 from .detectors import (
     DETECTORS, AnomalyDetector, AnomalyDetectorConfig, DetectorError, _robust_center_scale, register_detector,
 )
-from .features import MAD_TO_SIGMA
+from .features import robust_center_scale
 
 
 class _MatrixDetector(AnomalyDetector):
@@ -57,10 +57,7 @@ class RobustZDetector(_MatrixDetector):
     hyperparameters = {"contamination": {"default": 0.03, "min": 0.001, "max": 0.5}}
 
     def _fit_model(self, X: pd.DataFrame) -> None:
-        x = self._imputed(X)
-        self.center_ = np.median(x, axis=0)
-        mad = np.median(np.abs(x - self.center_), axis=0)
-        self.spread_ = MAD_TO_SIGMA * np.where(mad > 0, mad, np.std(x, axis=0) / MAD_TO_SIGMA + 1e-12)
+        self.center_, self.spread_ = robust_center_scale(self._imputed(X))
 
     def score_samples(self, X: pd.DataFrame) -> np.ndarray:
         return np.max(np.abs(self._imputed(X) - self.center_) / self.spread_, axis=1)
