@@ -5,6 +5,8 @@ from django.conf import settings
 from django.db import models
 from simple_history.models import HistoricalRecords
 
+from .choices import ProposalKind, ProposalSource, ProposalStatus
+
 
 class BaselineVersion(models.Model):
     """One complete baseline set for a fleet.
@@ -63,3 +65,52 @@ class BaselineStatistic(models.Model):
 
     class Meta:
         indexes = [models.Index(fields=["version", "level", "feature"], name="baseline_stat_lookup")]
+
+
+class BaselineProposal(models.Model):
+    """A proposed change to what "normal" means for one (level, group, feature), made from reviewers'
+    false positives (baselines.engine.suggest_baseline_adjustments, or a validated LLM proposal).
+
+    group_key: {column: value} of the group at level, e.g. {"manufacturer": "Samsung", "model": "Galaxy S21",
+    "os_version": "14"}; {} at the global level. adjustment: for kind "shift", the change of the median in
+    the feature's units; for "mad_scale" the MAD factor; for "contamination" the new contamination; for
+    "domain_weight" the new weight of the domain named in feature. evidence: the counts behind it
+    (n_reviewed, n_false_positive, share, typical deviation). impact: the last impact preview.
+    """
+
+    fleet = models.ForeignKey("detection.Fleet", on_delete=models.CASCADE, related_name="baseline_proposals")
+    baseline_version = models.ForeignKey(BaselineVersion, on_delete=models.CASCADE, related_name="proposals")
+    status = models.CharField(max_length=20, choices=ProposalStatus.choices, default=ProposalStatus.PENDING)
+    kind = models.CharField(max_length=20, choices=ProposalKind.choices, default=ProposalKind.SHIFT)
+    level = models.CharField(max_length=20, blank=True)
+    group_key = models.JSONField(default=dict, blank=True)
+    feature = models.CharField(max_length=200, blank=True)
+    adjustment = models.FloatField()
+    learning_rate = models.FloatField(default=0.35)
+    reason = models.TextField()
+    evidence = models.JSONField(default=dict, blank=True)
+    impact = models.JSONField(default=dict, blank=True)
+    source = models.CharField(max_length=20, choices=ProposalSource.choices, default=ProposalSource.RULES)
+    proposed_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                    related_name="+")
+    decided_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
+    decided_at = models.DateTimeField(null=True, blank=True)
+    decision_comment = models.TextField(blank=True)
+    result_baseline_version = models.ForeignKey(BaselineVersion, null=True, blank=True, on_delete=models.SET_NULL,
+                                                related_name="+")
+    result_model_version = models.ForeignKey("detection.ModelVersion", null=True, blank=True,
+                                             on_delete=models.SET_NULL, related_name="+")
+    result_run = models.ForeignKey("detection.PipelineRun", null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["fleet", "status"], name="proposal_fleet_status")]
+
+    def __str__(self) -> str:
+        where = f"{self.level} {self.group_key or ''} {self.feature}".strip()
+        return f"{self.get_kind_display()} {self.adjustment:+g} on {where} ({self.status})"

@@ -5,7 +5,8 @@ from django.contrib import admin
 from simple_history.admin import SimpleHistoryAdmin
 
 from .models import (
-    AnomalyFeedback, AnomalyResult, Device, Fleet, GroundTruthLabel, ModelVersion, PipelineRun, Telemetry,
+    AnomalyFeedback, AnomalyResult, AuditEvent, Device, Fleet, GroundTruthLabel, ModelVersion, PipelineRun,
+    Telemetry,
 )
 
 
@@ -76,3 +77,22 @@ class AnomalyFeedbackAdmin(admin.ModelAdmin):
     list_select_related = ["anomaly", "user"]
     raw_id_fields = ["anomaly", "user"]
     search_fields = ["comment", "user__username"]
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(admin.ModelAdmin):
+    """Read-only: the audit log is written by services, never edited."""
+
+    list_display = ["created_at", "actor_label", "action", "fleet_name", "target_label", "reason"]
+    list_filter = ["action", "fleet_name"]
+    search_fields = ["actor_label", "target_label", "reason"]
+    date_hierarchy = "created_at"
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False

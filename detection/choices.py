@@ -68,3 +68,23 @@ class Role(models.TextChoices):
     REVIEWER = "reviewer", "Reviewer"
     APPROVER = "approver", "Approver"
     ADMIN = "admin", "Admin"
+
+
+class AuditAction(models.TextChoices):
+    """What an audit event records. The field has no database choices, so apps may add actions freely."""
+
+    MODEL_TRAINED = "model_trained", "Model trained"
+    MODEL_PROMOTED = "model_promoted", "Model promoted"
+    MODEL_ROLLED_BACK = "model_rolled_back", "Model rolled back"
+    BASELINE_ACTIVATED = "baseline_activated", "Baseline version activated"
+    BASELINE_ROLLED_BACK = "baseline_rolled_back", "Baseline rolled back"
+    PROPOSAL_CREATED = "proposal_created", "Adjustment proposed"
+    PROPOSAL_APPROVED = "proposal_approved", "Adjustment approved"
+    PROPOSAL_REJECTED = "proposal_rejected", "Adjustment rejected"
+    PROPOSAL_APPLIED = "proposal_applied", "Adjustment applied"
+    PROPOSAL_FAILED = "proposal_failed", "Adjustment failed"
+    RETRAIN_TRIGGERED = "retrain_triggered", "Retrain triggered"
+    ALERT_ACKNOWLEDGED = "alert_acknowledged", "Alert acknowledged"
+    ALERT_RESOLVED = "alert_resolved", "Alert resolved"
+    ALERT_SNOOZED = "alert_snoozed", "Alert snoozed"
+    ALERT_RULE_CHANGED = "alert_rule_changed", "Alert rule changed"

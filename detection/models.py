@@ -257,3 +257,38 @@ class AnomalyFeedback(models.Model):
 
     def __str__(self) -> str:
         return f"{self.get_verdict_display()} on result {self.anomaly_id} by {self.user_id}"
+
+
+class AuditEvent(models.Model):
+    """One audited step: who (a user, or a named system actor such as "celery-beat"), when, what changed
+    (before and after values, JSON) and why. Written by detection.services.audit_record only.
+
+    fleet_name and actor_label are copies, so an event stays readable after its fleet or user is deleted.
+    """
+
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    fleet = models.ForeignKey(Fleet, null=True, blank=True, on_delete=models.SET_NULL, related_name="audit_events")
+    fleet_name = models.CharField(max_length=100, blank=True)
+    actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                              related_name="+")
+    actor_label = models.CharField(max_length=150)
+    action = models.CharField(max_length=50, db_index=True)  # detection.choices.AuditAction, open-ended
+    target_type = models.CharField(max_length=50, blank=True)
+    target_id = models.CharField(max_length=64, blank=True)
+    target_label = models.CharField(max_length=200, blank=True)
+    before = models.JSONField(default=dict, blank=True)
+    after = models.JSONField(default=dict, blank=True)
+    reason = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["fleet", "-created_at"], name="audit_fleet_time")]
+
+    def __str__(self) -> str:
+        return f"{self.created_at:%Y-%m-%d %H:%M} {self.actor_label} {self.action} {self.target_label}"
+
+    @property
+    def action_label(self) -> str:
+        from .choices import AuditAction
+
+        return dict(AuditAction.choices).get(self.action, self.action.replace("_", " "))

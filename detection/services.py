@@ -20,12 +20,12 @@ from django.utils import timezone
 
 from baselines.models import BaselineStatistic, BaselineVersion
 
-from .choices import Label, ModelStatus, RunStage, RunStatus, Trigger, Verdict
+from .choices import AuditAction, Label, ModelStatus, RunStage, RunStatus, Trigger, Verdict
 from .ingest.bulk import bulk_insert, bulk_insert_columns
 from .ingest.loader import load_telemetry_frame
 from .ml.artifacts import FORMAT_VERSION, save_artifact
 from .ml.pipeline import PipelineConfig, PipelineOutput, StageError, TrainingWindow, run_core
-from .models import AnomalyFeedback, AnomalyResult, Fleet, ModelVersion, PipelineRun
+from .models import AnomalyFeedback, AnomalyResult, AuditEvent, Fleet, ModelVersion, PipelineRun
 from .push import push_feedback, push_run_finished, push_run_progress, push_versions_changed
 
 logger = logging.getLogger(__name__)
@@ -302,6 +302,8 @@ def model_version_promote(*, version: ModelVersion, user) -> ModelVersion:
                                                                         status=ModelStatus.PRODUCTION):
             _set_status(current, ModelStatus.RETIRED, user)
         _set_status(version, ModelStatus.PRODUCTION, user)
+        audit_record(action=AuditAction.MODEL_PROMOTED, actor=user, fleet=version.fleet, target=version,
+                     before={"status": ModelStatus.CANDIDATE}, after={"status": ModelStatus.PRODUCTION})
         transaction.on_commit(lambda: push_versions_changed(version.fleet))
     return version
 
@@ -327,5 +329,27 @@ def model_version_rollback(*, fleet: Fleet, user) -> ModelVersion:
             raise ModelVersionError("fleet", f"{fleet.name} has no earlier production model to roll back to")
         _set_status(current, ModelStatus.RETIRED, user, reason=ROLLED_BACK)
         _set_status(previous, ModelStatus.PRODUCTION, user)
+        audit_record(action=AuditAction.MODEL_ROLLED_BACK, actor=user, fleet=fleet, target=previous,
+                     before={"production_version": current.version}, after={"production_version": previous.version},
+                     reason=f"v{current.version} rolled back to v{previous.version}")
         transaction.on_commit(lambda: push_versions_changed(fleet))
     return previous
+
+
+def audit_record(*, action: str, actor=None, actor_label: str = "", fleet: Fleet | None = None, target=None,
+                 before: dict | None = None, after: dict | None = None, reason: str = "") -> AuditEvent:
+    """Record one audited step (see AuditEvent) inside the caller's transaction, so it commits or rolls
+    back with the change it describes.
+
+    actor: the user who acted, or None for the system; actor_label then names the system actor
+    ("celery-beat", "simulate_review"), default "system". target: any model instance (its class name,
+    pk and str are stored). before/after: JSON-serialisable dicts of the values that changed.
+    """
+    label = actor_label or (actor.get_username() if actor is not None else "system")
+    return AuditEvent.objects.create(
+        action=str(action), actor=actor, actor_label=label[:150], fleet=fleet,
+        fleet_name=fleet.name if fleet is not None else "",
+        target_type=type(target).__name__ if target is not None else "",
+        target_id=str(target.pk) if target is not None else "",
+        target_label=str(target)[:200] if target is not None else "",
+        before=before or {}, after=after or {}, reason=reason)
