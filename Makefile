@@ -9,7 +9,7 @@ DEMO_DAYS ?= 14
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install demo serve test test-fast bench evaluate clean
+.PHONY: install demo serve test test-fast bench bench-api evaluate clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ test-fast: install
 
 bench: install
 	$(PY) benchmarks/pipeline.py --devices 1000 --days 42
+
+# /api/v1/detect open-loop at a fixed rate against daphne, and /detect/batch with 500 observations.
+bench-api: install
+	$(PY) benchmarks/api_load.py --rate 300 --seconds 20 --json var/api_load.json
 
 evaluate: install
 	$(PY) manage.py migrate --noinput -v 0

@@ -193,13 +193,18 @@ else:
     CELERY_TASK_ALWAYS_EAGER = True
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+# With acks_late, a task whose worker died is delivered again once the broker's visibility timeout
+# passes; it must exceed the longest task (CELERY_TASK_TIME_LIMIT), or a slow run is delivered twice.
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": envint("CELERY_VISIBILITY_TIMEOUT", envint("CELERY_TASK_TIME_LIMIT", 3600) + 600)}
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_TIME_LIMIT = envint("CELERY_TASK_TIME_LIMIT", 3600)
 CELERY_TASK_DEFAULT_QUEUE = "default"
-CELERY_TASK_ROUTES = {"detection.tasks.run_pipeline_task": {"queue": "ml"}, "explanations.tasks.*": {"queue": "ml"}}
+CELERY_TASK_ROUTES = {"detection.tasks.run_pipeline_task": {"queue": "ml"},
+                      "detection.tasks.score_shard_task": {"queue": "ml"}, "explanations.tasks.*": {"queue": "ml"}}
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_TIMEZONE = TIME_ZONE
 
@@ -218,8 +223,14 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": envint("VIGIL_API_PAGE_SIZE", 50),
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
-    "DEFAULT_THROTTLE_CLASSES": ["rest_framework.throttling.UserRateThrottle"],
-    "DEFAULT_THROTTLE_RATES": {"user": envstr("VIGIL_API_THROTTLE_USER", "1200/min")},
+    # Per user, per token, and per costly endpoint (detection.api.throttling); rates like "1200/min".
+    "DEFAULT_THROTTLE_CLASSES": ["detection.api.throttling.UserThrottle"],
+    "DEFAULT_THROTTLE_RATES": {
+        "user": envstr("VIGIL_API_THROTTLE_USER", "1200/min"),
+        "token": envstr("VIGIL_API_THROTTLE_TOKEN", "1200/min"),
+        "detect": envstr("VIGIL_API_THROTTLE_DETECT", "1200/min"),
+        "ingest": envstr("VIGIL_API_THROTTLE_INGEST", "60/min"),
+    },
     "EXCEPTION_HANDLER": "detection.api.errors.exception_handler",
 }
 SPECTACULAR_SETTINGS = {
@@ -232,9 +243,20 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    # Two models have a "verdict" (review feedback, explanation validation); name each enum.
+    "ENUM_NAME_OVERRIDES": {"FeedbackVerdictEnum": "detection.choices.Verdict",
+                            "SeverityEnum": "detection.choices.Severity",
+                            "AlertStatusEnum": "alerts.choices.AlertStatus",
+                            "DriftStatusEnum": "alerts.choices.DriftStatus",
+                            "HealthStatusEnum": ["ok", "down"]},
 }
 # Most observations one POST /api/v1/detect/batch may carry.
 MAX_BATCH_SIZE = envint("VIGIL_MAX_BATCH_SIZE", 500)
+# Most rows (and bytes, for a CSV upload) one POST /api/v1/fleets/{name}/telemetry/ may carry.
+VIGIL_MAX_INGEST_ROWS = envint("VIGIL_MAX_INGEST_ROWS", 100_000)
+VIGIL_MAX_INGEST_BYTES = envint("VIGIL_MAX_INGEST_BYTES", 20 * 1024 * 1024)
+# A JSON ingest body of VIGIL_MAX_INGEST_ROWS rows is larger than Django's 2.5 MB default.
+DATA_UPLOAD_MAX_MEMORY_SIZE = envint("DJANGO_DATA_UPLOAD_MAX_MEMORY_SIZE", 20 * 1024 * 1024)
 
 # --- Detection defaults (the pipeline reads these; no literals in the numerical code) -------------
 VIGIL_DETECTION = {
@@ -253,6 +275,13 @@ VIGIL_DETECTION = {
     "hybrid_temporal": envstr("VIGIL_HYBRID_TEMPORAL", "baseline"),
     "top_metrics": envint("VIGIL_TOP_METRICS", 5),
     "n_jobs": envint("VIGIL_N_JOBS", 2),
+    # Severity: the top metric's |z| times the impact weight of its domain or cohort value
+    # (a fleet's config overrides, e.g. {"power": 2.0}), banded at (medium, high, critical).
+    "severity_z": (4.0, 6.0, 10.0),
+    "impact_weights": {},
+    # "algorithm": "ensemble" fuses these members ("robust" or "rank" normalisation).
+    "ensemble_members": ("hybrid", "robust_z", "lof"),
+    "ensemble_fusion": envstr("VIGIL_ENSEMBLE_FUSION", "robust"),
 }
 
 # --- Explanations: narrative writers. The built-in writer is the default and needs no network; the
@@ -276,6 +305,39 @@ VIGIL_EXPLANATION_PUSH = envbool("VIGIL_EXPLANATION_PUSH", True)
 # Push run progress, finished runs, review feedback and model changes to open fleet pages over the
 # websocket (detection.push); the pages keep polling, so a page whose socket is down still updates.
 VIGIL_LIVE_PUSH = envbool("VIGIL_LIVE_PUSH", True)
+
+# --- Live stream (detection.ingest.stream) and Prometheus metrics (detection.metrics).
+# The stream's Redis defaults to REDIS_URL; keys are <prefix>:<fleet> and <prefix>:<fleet>:dead.
+VIGIL_STREAM_REDIS_URL = envstr("VIGIL_STREAM_REDIS_URL", "")
+VIGIL_STREAM_PREFIX = envstr("VIGIL_STREAM_PREFIX", "vigil:telemetry")
+# When set, /metrics answers only "Authorization: Bearer <token>"; empty leaves it open (as Prometheus expects).
+VIGIL_METRICS_TOKEN = envstr("VIGIL_METRICS_TOKEN", "")
+
+# --- Alerts, drift and retraining (alerts app). Durations in minutes unless named otherwise.
+VIGIL_ALERTS = {
+    "dedup_window_minutes": envint("VIGIL_ALERT_DEDUP_MINUTES", 360),
+    "cohort_min_devices": envint("VIGIL_ALERT_COHORT_MIN_DEVICES", 5),
+    "fp_suppress_share": envfloat("VIGIL_ALERT_FP_SUPPRESS_SHARE", 0.5),
+    "max_attempts": envint("VIGIL_ALERT_MAX_ATTEMPTS", 5),
+    "retry_backoff_seconds": envfloat("VIGIL_ALERT_RETRY_BACKOFF", 30.0),
+    "webhook_timeout": envfloat("VIGIL_ALERT_WEBHOOK_TIMEOUT", 5.0),
+    "email_from": envstr("VIGIL_ALERT_EMAIL_FROM", "vigil@localhost"),
+    "base_url": envstr("VIGIL_BASE_URL", "http://localhost:8000"),
+    "run_lookback_hours": envint("VIGIL_ALERT_RUN_LOOKBACK_HOURS", 24),
+    "hourly_scoring": envbool("VIGIL_HOURLY_SCORING", False),
+    "drift_current_hours": envint("VIGIL_DRIFT_CURRENT_HOURS", 24),
+    "drift_reference_days": envint("VIGIL_DRIFT_REFERENCE_DAYS", 14),
+    "drift": {"psi_drift": envfloat("VIGIL_DRIFT_PSI", 0.25), "ks_drift": envfloat("VIGIL_DRIFT_KS", 0.2)},
+    "rate_factor": envfloat("VIGIL_RETRAIN_RATE_FACTOR", 3.0),
+    "min_precision": envfloat("VIGIL_RETRAIN_MIN_PRECISION", 0.5),
+    "min_feedback": envint("VIGIL_RETRAIN_MIN_FEEDBACK", 20),
+    "feedback_days": envint("VIGIL_RETRAIN_FEEDBACK_DAYS", 14),
+    "max_model_age_days": envint("VIGIL_RETRAIN_MAX_MODEL_AGE_DAYS", 30),
+}
+EMAIL_BACKEND = envstr("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend" if DEBUG
+                       else "django.core.mail.backends.smtp.EmailBackend")
+EMAIL_HOST = envstr("EMAIL_HOST", "localhost")
+EMAIL_PORT = envint("EMAIL_PORT", 25)
 
 LOGGING = {
     "version": 1,

@@ -44,6 +44,7 @@ class Trigger(models.TextChoices):
     API = "api", "API"
     SCHEDULE = "schedule", "Schedule"
     EVALUATION = "evaluation", "Evaluation"
+    STREAM = "stream", "Live stream"
 
 
 class Verdict(models.TextChoices):

@@ -7,7 +7,8 @@ runs the pipeline on it and scores the result against the benchmark's labels:
   the rest) through the pipeline service; the persisted decisions are scored against the `anomaly`
   column (F1, FAR, MAR).
 - evaluate_nab: NAB's protocol (detection.ml.nab): one detector instance per file, trained on the
-  file's probationary rows, streaming features only; the anomaly scores of the other rows go to
+  file's probationary rows, streaming features only; the anomaly scores of the other rows are
+  calibrated causally (streaming rank, then only new highs of the recent rows count) and go to
   NAB's sweeper, which picks one threshold per profile for the whole corpus.
 - evaluate_cmapss: C-MAPSS FD001 run-to-failure engines through the pipeline service: train on the
   first cycles of every engine, score the rest against the last `degraded_cycles` cycles before
@@ -15,6 +16,7 @@ runs the pipeline on it and scores the result against the benchmark's labels:
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +38,7 @@ from .ml.nab import (
     nab_score,
     probationary_length,
     streaming_rank,
+    suppress_repeats,
 )
 from .ml.pipeline import PipelineConfig, StageError, TrainingWindow, run_core
 from .models import AnomalyResult, Fleet, PipelineRun
@@ -176,12 +179,15 @@ class NabEvaluationResult:
 
 
 FileProgress = Callable[[str, str, dict], None]
-NAB_CALIBRATIONS = ("rank", "none")
+NAB_CALIBRATIONS = ("rank_suppress", "rank", "none")
+# rank_suppress: rows that are no new high of the last NAB_SUPPRESS_ROWS rows score 0
+# (detection.ml.nab.suppress_repeats); one rule for every file.
+NAB_SUPPRESS_ROWS = int(os.environ.get("VIGIL_NAB_SUPPRESS_ROWS", "50"))
 
 
 def evaluate_nab(*, path: Path | str, results_dir: Path | str | None = None, keep: bool = False,
                  config: dict | None = None, progress: FileProgress | None = None,
-                 calibration: str = "rank") -> NabEvaluationResult:
+                 calibration: str = "rank_suppress") -> NabEvaluationResult:
     """Run NAB's protocol on every series under `path` and score it with NAB's rules.
 
     path: the NAB root, its data/ folder, a data/<category> folder or one data/<category>/<x>.csv;
@@ -192,7 +198,9 @@ def evaluate_nab(*, path: Path | str, results_dir: Path | str | None = None, kee
     on the file's probationary rows only (detection.ml.nab.probationary_length) with causal
     features (trailing windows, backward lags); the other rows are scored. The pipeline's own
     threshold is not used: NAB's sweeper picks one threshold per profile over the corpus.
-    calibration "rank" (default) first turns each file's scores into their streaming rank
+    calibration "rank_suppress" (default) is "rank" followed by detection.ml.nab.suppress_repeats
+    (a score counts only where it is a new high of the last NAB_SUPPRESS_ROWS rows, so one event
+    fires once); "rank" turns each file's scores into their streaming rank
     (detection.ml.nab.streaming_rank: the share of the file's earlier scores, its in-sample
     probationary scores included, that each score exceeds), so that one threshold means the same
     in every file; "none" sweeps the raw scores, whose scale differs from file to file (robust
@@ -241,8 +249,10 @@ def evaluate_nab(*, path: Path | str, results_dir: Path | str | None = None, kee
                 warnings.setdefault(f"{exc}; scored as never detecting", []).append(name)
             else:
                 raw = output.result.scores  # every row, in time order; in-sample on the probationary ones
-                scores = streaming_rank(raw, probation) if calibration == "rank" else raw.copy()
+                scores = streaming_rank(raw, probation) if calibration.startswith("rank") else raw.copy()
                 scores[:probation] = np.nan
+                if calibration == "rank_suppress":
+                    scores = suppress_repeats(scores, NAB_SUPPRESS_ROWS)
                 for stage, seconds in output.timings.items():
                     timings[stage] = round(timings.get(stage, 0.0) + seconds, 3)
                 for warning in output.warnings:

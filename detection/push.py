@@ -26,8 +26,10 @@ LATEST_RUN_TEMPLATE = "detection/partials/latest_run.html"
 NEW_ANOMALIES_TEMPLATE = "detection/partials/new_anomalies.html"
 PRODUCTION_MODEL_TEMPLATE = "detection/partials/production_model.html"
 FEEDBACK_TEMPLATE = "detection/partials/feedback.html"
+NEW_ROWS_TEMPLATE = "detection/partials/new_anomaly_rows.html"
+NEW_ROWS_LIMIT = 50  # one page of the anomaly list (views.ANOMALIES_PER_PAGE)
 
-HtmlKind = Literal["run_progress", "run_finished", "versions_changed"]
+HtmlKind = Literal["run_progress", "run_finished", "versions_changed", "alert_changed"]
 
 
 class FleetHtmlEvent(TypedDict):
@@ -87,7 +89,8 @@ def push_run_progress(run) -> None:
 
 def push_run_finished(run) -> None:
     """The finished run's row and latest-run card, and on the anomaly list a "N new anomalies" banner
-    (id new-anomalies) when the run wrote any."""
+    (id new-anomalies) and the run's newest anomalies as rows (anomaly_row.html, prepended to the tbody
+    id anomaly-rows, which only the list's default view has) when the run wrote any."""
     if not live_push_enabled():
         return
     try:
@@ -95,11 +98,23 @@ def push_run_finished(run) -> None:
         if run.n_anomalies:
             context = {"fleet": run.fleet, "new_run": run, "oob": True}
             fragments.append(render_to_string(NEW_ANOMALIES_TEMPLATE, context))
+            rows = _new_rows_html(run)
+            if rows:
+                fragments.append(rows)
         for html in fragments:
             _send(run.fleet_id, {"type": "fleet.html", "fleet_id": run.fleet_id, "kind": "run_finished",
                                  "html": html})
     except Exception:
         logger.warning("could not push the end of run %s", getattr(run, "pk", None), exc_info=True)
+
+
+def _new_rows_html(run) -> str:
+    """The run's newest NEW_ROWS_LIMIT anomalies as list rows inside one oob <tbody> (a lone <tr> list
+    would not survive parsing outside a table; htmx parses fragments in a <template>)."""
+    from . import selectors
+
+    rows = list(selectors.anomaly_list(fleet=run.fleet, run=run)[:NEW_ROWS_LIMIT])
+    return render_to_string(NEW_ROWS_TEMPLATE, {"results": rows, "new": True}).strip() if rows else ""
 
 
 def push_feedback(feedback) -> None:
@@ -130,6 +145,18 @@ def push_versions_changed(fleet) -> None:
     except Exception:
         logger.warning("could not push model versions of fleet %s", getattr(fleet, "pk", None),
                        exc_info=True)
+
+
+def push_alert(alert) -> None:
+    """A new or changed alert: its row on the alert list (id alert-<pk>, alerts/partials/alert_row.html)."""
+    if not live_push_enabled():
+        return
+    try:
+        html = render_to_string("alerts/partials/alert_row.html", {"alert": alert, "oob": True})
+        _send(alert.fleet_id, {"type": "fleet.html", "fleet_id": alert.fleet_id, "kind": "alert_changed",
+                               "html": html})
+    except Exception:
+        logger.warning("could not push alert %s", getattr(alert, "pk", None), exc_info=True)
 
 
 def render_feedback(*, anomaly_id: int, user) -> str:

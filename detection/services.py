@@ -23,7 +23,7 @@ from baselines.models import BaselineStatistic, BaselineVersion
 from .choices import AuditAction, Label, ModelStatus, RunStage, RunStatus, Trigger, Verdict
 from .ingest.bulk import bulk_insert, bulk_insert_columns
 from .ingest.loader import load_telemetry_frame
-from .ml.artifacts import FORMAT_VERSION, save_artifact
+from .ml.artifacts import FORMAT_VERSION, ArtifactError, load_artifact, save_artifact
 from .ml.pipeline import PipelineConfig, PipelineOutput, StageError, TrainingWindow, run_core
 from .models import AnomalyFeedback, AnomalyResult, AuditEvent, Fleet, ModelVersion, PipelineRun
 from .push import push_feedback, push_run_finished, push_run_progress, push_versions_changed
@@ -39,10 +39,14 @@ class PipelineRunError(Exception):
 
 def pipeline_run_create(*, fleet: Fleet, trigger: str = Trigger.CLI, user=None, params: dict | None = None
                         ) -> PipelineRun:
-    """A pending run. params may hold train_until (ISO timestamp), train_rows_per_device and score
-    ("all" or "after_training"); they are validated here so that a bad value never starts a run."""
+    """A pending run. params may hold train_until (ISO timestamp), train_rows_per_device, score
+    ("all" or "after_training") and candidate (true: the run's model version is a candidate, not
+    production); they are validated here so that a bad value never starts a run.
+    baseline_version_id (optional): use that baseline version of the fleet instead of computing new
+    baselines; the run activates it when it persists (the feedback loop's retrain)."""
     params = dict(params or {})
     _training_window(params)
+    _given_baseline(fleet, params)
     return PipelineRun.objects.create(fleet=fleet, trigger=trigger, started_by=user, params=params)
 
 
@@ -90,9 +94,10 @@ def pipeline_run_execute(*, run_id: int, progress: Progress | None = None) -> Pi
         if frame.empty:
             raise StageError("ingest", f"fleet {fleet.name!r} has no telemetry; ingest some first")
         report(RunStage.INGEST, {"seconds": round(time.perf_counter() - start, 3), "rows": len(frame)})
+        given = _given_baseline(fleet, run.params)
         output = run_core(frame, metrics=fleet.metric_names, metric_domain=fleet.metric_domains, config=config,
-                          progress=report)
-    except (StageError, ValueError) as exc:
+                          progress=report, baselines=_load_baseline_set(given) if given else None)
+    except (StageError, ValueError, PipelineRunError, ArtifactError) as exc:
         return _finish(run, RunStatus.FAILED, error=str(exc))
     except Exception as exc:  # an unexpected bug still ends the run with a clear status
         logger.exception("pipeline run %s failed", run.id)
@@ -107,7 +112,22 @@ def pipeline_run_execute(*, run_id: int, progress: Progress | None = None) -> Pi
         logger.exception("persisting run %s failed; nothing was written", run.id)
         return _finish(run, RunStatus.DEGRADED, error=f"persist failed, nothing was saved: {type(exc).__name__}: {exc}")
     report(RunStage.PERSIST, {"seconds": round(time.perf_counter() - start, 3), "rows": len(output.scored)})
-    return _finish(run, RunStatus.SUCCEEDED)
+    run = _finish(run, RunStatus.SUCCEEDED)
+    _warm_run_aggregates(run)
+    return run
+
+
+def _warm_run_aggregates(run: PipelineRun) -> None:
+    """Compute the finished run's overview aggregates once, here, so the first page view after a run
+    reads them from the cache (2-3 s for 100k results on SQLite otherwise). A failure only costs speed."""
+    from . import selectors
+
+    try:
+        selectors.run_kpis(run=run)
+        selectors.run_charts(run=run)
+        selectors.run_anomaly_count(run=run)
+    except Exception:
+        logger.warning("could not pre-compute the aggregates of run %s", run.id, exc_info=True)
 
 
 def _training_window(params: dict) -> TrainingWindow:
@@ -119,6 +139,43 @@ def _training_window(params: dict) -> TrainingWindow:
         return TrainingWindow(train_until=until, train_rows_per_device=rows, score=params.get("score", "all"))
     except (ValueError, TypeError) as exc:
         raise PipelineRunError(f"invalid training window {params}: {exc}") from None
+
+
+def _given_baseline(fleet: Fleet, params: dict) -> BaselineVersion | None:
+    """The baseline version params["baseline_version_id"] names, or None; PipelineRunError when it is
+    not an id of one of fleet's baseline versions."""
+    value = params.get("baseline_version_id")
+    if value is None:
+        return None
+    try:
+        return BaselineVersion.objects.get(fleet=fleet, id=int(value))
+    except (TypeError, ValueError, BaselineVersion.DoesNotExist):
+        raise PipelineRunError(f"baseline_version_id {value!r} is not a baseline version of {fleet.name}") from None
+
+
+def _load_baseline_set(version: BaselineVersion):
+    return load_artifact(version.artifact_path, kind="baselines", checksum=version.artifact_checksum or None)
+
+
+def baseline_version_activate(*, version: BaselineVersion, actor=None, actor_label: str = "", reason: str = ""
+                              ) -> BaselineVersion:
+    """Make version its fleet's active baseline: the active one gets valid_to and is deactivated, and
+    version is activated, in one transaction (the database allows one active version per fleet).
+    Audited as BASELINE_ACTIVATED. A version that is already active is returned unchanged."""
+    with transaction.atomic():
+        version = BaselineVersion.objects.select_for_update().get(pk=version.pk)
+        if version.is_active:
+            return version
+        now = timezone.now()
+        previous = BaselineVersion.objects.filter(fleet_id=version.fleet_id, is_active=True).first()
+        BaselineVersion.objects.filter(fleet_id=version.fleet_id, is_active=True).update(is_active=False, valid_to=now)
+        BaselineVersion.objects.filter(pk=version.pk).update(is_active=True, valid_from=now, valid_to=None)
+        version.refresh_from_db()
+        audit_record(action=AuditAction.BASELINE_ACTIVATED, actor=actor, actor_label=actor_label,
+                     fleet=version.fleet, target=version,
+                     before={"active_version": previous.number if previous else None},
+                     after={"active_version": version.number}, reason=reason or version.reason)
+    return version
 
 
 def _finish(run: PipelineRun, status: str, *, error: str = "") -> PipelineRun:
@@ -144,20 +201,33 @@ def _persist(run: PipelineRun, output: PipelineOutput, config: PipelineConfig) -
     written: list[Path] = []
     try:
         with transaction.atomic():
-            baseline = None
-            if output.baselines is not None:
+            baseline = _given_baseline(fleet, run.params)
+            if baseline is not None:
+                baseline_version_activate(version=baseline, actor=run.started_by,
+                                          reason=f"used by pipeline run {run.id}")
+            elif output.baselines is not None:
                 number = (BaselineVersion.objects.filter(fleet=fleet).aggregate(n=Max("number"))["n"] or 0) + 1
                 path = artifact_dir / f"baseline-v{number}-run{run.id}.pkl"
                 checksum = save_artifact(output.baselines, path, kind="baselines")
                 written.append(path)
-                now = timezone.now()
-                BaselineVersion.objects.filter(fleet=fleet, is_active=True).update(is_active=False, valid_to=now)
+                # A candidate retrain's baselines wait, inactive, for its model's promotion
+                # (model_version_promote activates them), so the pages and drift checks keep reading the
+                # baselines of the model in production.
+                candidate = bool(run.params.get("candidate"))
+                if not candidate:
+                    now = timezone.now()
+                    BaselineVersion.objects.filter(fleet=fleet, is_active=True).update(is_active=False,
+                                                                                        valid_to=now)
                 baseline = BaselineVersion.objects.create(
-                    fleet=fleet, number=number, is_active=True, levels=list(output.baselines.levels),
+                    fleet=fleet, number=number, is_active=not candidate, levels=list(output.baselines.levels),
                     feature_list=output.baselines.features, min_rows=output.baselines.min_rows,
                     row_count=output.training_rows, artifact_path=str(path), artifact_checksum=checksum,
                     format_version=FORMAT_VERSION, source="pipeline", reason=f"computed by pipeline run {run.id}",
                     created_by=run.started_by, run=run)
+                if not candidate:
+                    audit_record(action=AuditAction.BASELINE_ACTIVATED, actor=run.started_by, fleet=fleet,
+                                 target=baseline, after={"active_version": number},
+                                 reason=f"computed by pipeline run {run.id}")
                 stats = output.baselines.stats
                 bulk_insert(BaselineStatistic, ["version_id", "level", "group_key", "feature", "median", "mad",
                                                 "row_count", "fallback_level"],
@@ -171,12 +241,15 @@ def _persist(run: PipelineRun, output: PipelineOutput, config: PipelineConfig) -
                                       "model_features": output.model_features},
                                      path, kind="model")
             written.append(path)
-            ModelVersion.objects.filter(fleet=fleet, status=ModelStatus.PRODUCTION).update(status=ModelStatus.RETIRED)
+            candidate = bool(run.params.get("candidate"))  # a retrain's model waits for promotion
+            if not candidate:
+                ModelVersion.objects.filter(fleet=fleet, status=ModelStatus.PRODUCTION).update(status=ModelStatus.RETIRED)
             model = ModelVersion.objects.create(
                 fleet=fleet, version=version, algorithm=config.algorithm, params=_jsonable(detector.params()),
                 feature_list=detector.features_, feature_domain_weights=detector.weights_,
                 training_rows=output.training_rows, training_seconds=output.timings.get("train", 0.0),
-                metrics=_model_metrics(output), status=ModelStatus.PRODUCTION, baseline_version=baseline, run=run,
+                metrics=_model_metrics(output), status=ModelStatus.CANDIDATE if candidate else ModelStatus.PRODUCTION,
+                baseline_version=baseline, run=run,
                 artifact_path=str(path), artifact_checksum=checksum, format_version=FORMAT_VERSION)
             result = output.result
             scored = output.scored
@@ -188,6 +261,8 @@ def _persist(run: PipelineRun, output: PipelineOutput, config: PipelineConfig) -
             })
             run.model_version, run.baseline_version = model, baseline
             run.n_scored, run.n_anomalies, run.threshold = len(scored), result.n_anomalies, result.threshold
+            from alerts.services import run_persisted  # alerts from the results, or a retrain's promotion
+            transaction.on_commit(lambda: run_persisted(run=run), robust=True)
     except Exception:
         for path in written:
             path.unlink(missing_ok=True)
@@ -266,6 +341,8 @@ def feedback_give(*, anomaly: AnomalyResult, user, verdict: str, comment: str = 
         feedback, _ = AnomalyFeedback.objects.update_or_create(
             anomaly=anomaly, user=user, defaults={"verdict": verdict, "comment": comment, "client_id": client_id})
         transaction.on_commit(lambda: push_feedback(feedback))
+        from alerts.services import alerts_on_feedback  # false positives suppress their alert
+        transaction.on_commit(lambda: alerts_on_feedback(feedback=feedback), robust=True)
     return feedback
 
 
@@ -288,7 +365,8 @@ def _set_status(version: ModelVersion, status: str, user, reason: str = "") -> N
 
 
 def model_version_promote(*, version: ModelVersion, user) -> ModelVersion:
-    """Make a candidate model version its fleet's production model; the current production one is retired.
+    """Make a candidate model version its fleet's production model; the current production one is retired,
+    and the candidate's baseline version becomes the active one.
 
     Both changes are audited by simple_history with user. Raises ModelVersionError("version") when the
     version is not a candidate.
@@ -302,6 +380,9 @@ def model_version_promote(*, version: ModelVersion, user) -> ModelVersion:
                                                                         status=ModelStatus.PRODUCTION):
             _set_status(current, ModelStatus.RETIRED, user)
         _set_status(version, ModelStatus.PRODUCTION, user)
+        if version.baseline_version_id is not None:  # a candidate's baselines go live with it
+            baseline_version_activate(version=version.baseline_version, actor=user,
+                                      reason=f"baselines of promoted model v{version.version}")
         audit_record(action=AuditAction.MODEL_PROMOTED, actor=user, fleet=version.fleet, target=version,
                      before={"status": ModelStatus.CANDIDATE}, after={"status": ModelStatus.PRODUCTION})
         transaction.on_commit(lambda: push_versions_changed(version.fleet))
@@ -329,6 +410,9 @@ def model_version_rollback(*, fleet: Fleet, user) -> ModelVersion:
             raise ModelVersionError("fleet", f"{fleet.name} has no earlier production model to roll back to")
         _set_status(current, ModelStatus.RETIRED, user, reason=ROLLED_BACK)
         _set_status(previous, ModelStatus.PRODUCTION, user)
+        if previous.baseline_version_id is not None:
+            baseline_version_activate(version=previous.baseline_version, actor=user,
+                                      reason=f"baselines of restored model v{previous.version}")
         audit_record(action=AuditAction.MODEL_ROLLED_BACK, actor=user, fleet=fleet, target=previous,
                      before={"production_version": current.version}, after={"production_version": previous.version},
                      reason=f"v{current.version} rolled back to v{previous.version}")

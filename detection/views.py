@@ -1,15 +1,23 @@
 """Pages: fleets, the fleet overview, pipeline runs (with a polling progress fragment), the anomaly
-list and detail (with review feedback) and model versions.
+list and detail (with review feedback and charts), devices, model versions, and the installable app's
+manifest, service worker (/sw.js) and offline page.
 
 Each view parses its input, calls selectors or one service and renders. For htmx requests the anomaly
 list renders only its table partial, so filtering, paging and sorting swap the table and push the URL.
 Every page needs the viewer role; feedback needs reviewer; runs, promotion and rollback need approver.
+The manifest, the service worker and the offline page need no login (the browser fetches them alone).
 """
 from __future__ import annotations
 
+import json
+
+import django_filters
+from django.conf import settings
 from django.core.paginator import Paginator
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
+from django.template.loader import render_to_string
+from django.templatetags.static import static
 from django.urls import reverse
 from django.utils.cache import patch_vary_headers
 from django.views.decorators.http import require_POST
@@ -19,11 +27,15 @@ from django_htmx.middleware import HtmxDetails
 from . import selectors, services
 from .choices import Role, Trigger, Verdict
 from .filters import AnomalyResultFilterSet
-from .models import Fleet, ModelVersion
+from .models import Device, Fleet, ModelVersion
 from .permissions import role_required
 
 RUNS_PER_PAGE = 25
 ANOMALIES_PER_PAGE = 50
+DEVICES_PER_PAGE = 50
+DETAIL_CHART_SAMPLES = 144  # telemetry samples drawn either side of an anomaly (12 h at 5-minute sampling)
+DEVICE_ANOMALY_LIMIT = 100
+DEVICE_CHART_SAMPLES = 2016  # newest samples on a device page (7 days at 5-minute sampling)
 ANOMALY_SORT_OPTIONS = [
     ("-time", "Newest"), ("time", "Oldest"), ("-score", "Highest score"), ("score", "Lowest score"),
 ]
@@ -94,7 +106,11 @@ def anomaly_list(request: HtmxHttpRequest, name: str) -> HttpResponse:
     sort = sort if sort in selectors.ANOMALY_SORTS else selectors.DEFAULT_ANOMALY_SORT
     results = selectors.anomaly_list(fleet=fleet, run=run, sort=sort)
     filterset = AnomalyResultFilterSet(request.GET, queryset=results, facets=selectors.device_facets(fleet=fleet))
-    page = Paginator(filterset.qs, ANOMALIES_PER_PAGE).get_page(request.GET.get("page"))
+    paginator = Paginator(filterset.qs.values_list("pk", flat=True), ANOMALIES_PER_PAGE)
+    if run is not None and not filterset.active:
+        paginator.count = selectors.run_anomaly_count(run=run)  # COUNT(*) of 100k rows, cached per run
+    page = paginator.get_page(request.GET.get("page"))
+    page.object_list = selectors.anomalies_in_order(queryset=results, ids=list(page.object_list))
     context = {
         "fleet": fleet,
         "filterset": filterset,
@@ -104,6 +120,10 @@ def anomaly_list(request: HtmxHttpRequest, name: str) -> HttpResponse:
         "sort_options": ANOMALY_SORT_OPTIONS,
         "requested_run": requested_run if run_not_found else None,
         "live_push": _live_push(),
+        # New anomalies are pushed as rows (detection.push.push_run_finished) only into the default view:
+        # the latest run, newest first, no filter, first page; elsewhere they would not belong.
+        "live_rows": _live_push() and requested_run is None and sort == selectors.DEFAULT_ANOMALY_SORT
+        and not filterset.active and page.number == 1,
     }
     partial = _wants_partial(request)
     template = "detection/partials/anomaly_table.html" if partial else "detection/anomaly_list.html"
@@ -123,7 +143,8 @@ def anomaly_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
         raise Http404(f"No scored result {pk}")
     previous_id, next_id = selectors.anomaly_neighbours(anomaly=anomaly) if anomaly.is_anomaly else (None, None)
     context = {**panel_context(anomaly), **_feedback_context(anomaly, request.user),
-               "previous_id": previous_id, "next_id": next_id, "fleet_push": _live_push()}
+               "previous_id": previous_id, "next_id": next_id, "fleet_push": _live_push(),
+               "charts": selectors.anomaly_charts(anomaly=anomaly, samples=DETAIL_CHART_SAMPLES)}
     return render(request, "detection/anomaly_detail.html", context)
 
 
@@ -142,12 +163,16 @@ def anomaly_feedback(request: HtmxHttpRequest, pk: int) -> HttpResponse:
     """Give a verdict (form fields verdict, comment, client_id); answers the feedback partial.
 
     A bad value answers the partial with the message: status 200 for htmx (it swaps only 2xx), else 400.
+    A JSON body ({"verdict", "comment", "client_id"}, Content-Type application/json) is how the offline
+    queue (static/vigil/pwa.js) replays verdicts: it answers JSON, see _feedback_json.
     """
     from explanations.selectors import anomaly_get
 
     anomaly = anomaly_get(pk=pk) if 0 < pk < 2**63 else None
     if anomaly is None:
         raise Http404(f"No scored result {pk}")
+    if _wants_json(request):
+        return _feedback_json(request, anomaly)
     comment = request.POST.get("comment", "")
     try:
         services.feedback_give(anomaly=anomaly, user=request.user, verdict=request.POST.get("verdict", ""),
@@ -172,8 +197,7 @@ def fleet_overview(request: HtmxHttpRequest, name: str) -> HttpResponse:
         "run": run,
         "model": selectors.production_model(fleet=fleet),
         "kpis": selectors.run_kpis(run=run) if run else None,
-        "charts": {"histogram": selectors.score_histogram(run=run), "trend": selectors.anomaly_trend(run=run)}
-        if run else None,
+        "charts": selectors.run_charts(run=run) if run else None,
         "live_push": _live_push(),
     }
     return render(request, "detection/fleet_overview.html", context)
@@ -226,3 +250,163 @@ def model_version_rollback(request: HtmxHttpRequest, name: str) -> HttpResponse:
     except services.ModelVersionError as exc:
         return _model_versions_page(request, fleet, error=str(exc), status=400)
     return redirect("detection:model_versions", name=fleet.name)
+
+
+# --- offline review: the JSON side of anomaly_feedback ---------------------------------------------
+
+def _wants_json(request: HttpRequest) -> bool:
+    return request.content_type == "application/json"
+
+
+def _feedback_json(request: HttpRequest, anomaly) -> JsonResponse:
+    """Replay of a verdict queued offline: {"verdict", "comment", "client_id"} in, JSON out.
+
+    200 {"id", "anomaly", "verdict", "client_id", "html"} (html: the review partial for this user, to swap
+    in); a replay of a known client_id answers the stored verdict untouched (services.feedback_give), so a
+    queue flushed twice records once. 400 {"field", "error"} for a bad body or value: nothing is saved.
+    """
+    try:
+        body = json.loads(request.body or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        return JsonResponse({"field": "body", "error": "the body is not valid JSON"}, status=400)
+    if not isinstance(body, dict):
+        return JsonResponse({"field": "body", "error": "expected a JSON object"}, status=400)
+    fields = {name: body.get(name) for name in ("verdict", "comment", "client_id")}
+    bad = next((k for k, v in fields.items() if v is not None and not isinstance(v, str)), None)
+    if bad:
+        return JsonResponse({"field": bad, "error": f"{bad} must be a string"}, status=400)
+    try:
+        feedback = services.feedback_give(anomaly=anomaly, user=request.user, verdict=fields["verdict"] or "",
+                                          comment=fields["comment"] or "", client_id=fields["client_id"] or None)
+    except services.FeedbackError as exc:
+        return JsonResponse({"field": exc.field, "error": str(exc)}, status=400)
+    html = render_to_string("detection/partials/feedback.html", _feedback_context(anomaly, request.user),
+                            request=request)
+    return JsonResponse({"id": feedback.pk, "anomaly": anomaly.pk, "verdict": feedback.verdict,
+                         "client_id": str(feedback.client_id) if feedback.client_id else None, "html": html})
+
+
+# --- devices ---------------------------------------------------------------------------------------
+
+class DeviceFilterSet(django_filters.FilterSet):
+    """Filters of the device list: cohort ("manufacturer|model|os_version"), store, customer, and q, a
+    case-insensitive search in the external id. Pass facets=selectors.device_facets(fleet=...)."""
+
+    q = django_filters.CharFilter(label="Search", field_name="external_id", lookup_expr="icontains")
+    cohort = django_filters.ChoiceFilter(label="Cohort", method="filter_cohort", empty_label="Any cohort")
+    store = django_filters.ChoiceFilter(label="Store", empty_label="Any store")
+    customer = django_filters.ChoiceFilter(label="Customer", empty_label="Any customer")
+
+    class Meta:
+        model = Device
+        fields: list[str] = []
+
+    def __init__(self, *args, facets: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        facets = facets or {}
+        for name in ("cohort", "store", "customer"):
+            self.filters[name].extra["choices"] = facets.get(name, [])
+
+    def filter_cohort(self, queryset, name: str, value: str):
+        parts = value.split("|")
+        if len(parts) != 3:
+            return queryset
+        return queryset.filter(manufacturer=parts[0], model=parts[1], os_version=parts[2])
+
+    @property
+    def active(self) -> bool:
+        if not self.is_bound:
+            return False
+        self.form.is_valid()
+        return any(v not in (None, "") for v in self.form.cleaned_data.values())
+
+
+@role_required(Role.VIEWER)
+def device_list(request: HtmxHttpRequest, name: str) -> HttpResponse:
+    """The fleet's devices, filtered and paged, with their anomaly counts in the latest scored run."""
+    fleet = _fleet_or_404(name)
+    run = selectors.latest_scored_run(fleet=fleet)
+    facets = selectors.device_facets(fleet=fleet)
+    facets["customer"] = [(c, c) for c in selectors.device_customers(fleet=fleet)]
+    filterset = DeviceFilterSet(request.GET, queryset=selectors.device_list(fleet=fleet, run=run), facets=facets)
+    page = Paginator(filterset.qs, DEVICES_PER_PAGE).get_page(request.GET.get("page"))
+    context = {"fleet": fleet, "run": run, "filterset": filterset, "page": page}
+    template = "detection/partials/device_table.html" if _wants_partial(request) else "detection/device_list.html"
+    response = render(request, template, context)
+    patch_vary_headers(response, ("HX-Request",))
+    return response
+
+
+@role_required(Role.VIEWER)
+def device_detail(request: HtmxHttpRequest, pk: int) -> HttpResponse:
+    """One device: its facts, a telemetry chart per metric with its anomalies marked, and its anomaly
+    history (every run, newest first)."""
+    device = selectors.device_get(pk=pk)
+    if device is None:
+        raise Http404(f"No device {pk}")
+    context = {"device": device, "fleet": device.fleet,
+               "charts": selectors.device_charts(device=device, samples=DEVICE_CHART_SAMPLES),
+               "anomalies": selectors.device_anomalies(device=device, limit=DEVICE_ANOMALY_LIMIT),
+               "anomaly_limit": DEVICE_ANOMALY_LIMIT}
+    return render(request, "detection/device_detail.html", context)
+
+
+# --- installable app: manifest, service worker, offline page ---------------------------------------
+
+PWA_THEME = "#1c2430"
+PWA_BACKGROUND = "#f6f7f9"
+
+
+def web_manifest(request: HttpRequest) -> JsonResponse:
+    """The web app manifest (W3C Web Application Manifest); icon URLs are the hashed static names."""
+    icons = [
+        {"src": static("vigil/icons/icon-192.png"), "sizes": "192x192", "type": "image/png", "purpose": "any"},
+        {"src": static("vigil/icons/icon-512.png"), "sizes": "512x512", "type": "image/png", "purpose": "any"},
+        {"src": static("vigil/icons/icon-maskable-512.png"), "sizes": "512x512", "type": "image/png",
+         "purpose": "maskable"},
+    ]
+    manifest = {
+        "id": "/", "name": "Vigil anomaly review", "short_name": "Vigil",
+        "description": "Review anomalies of device fleets, online or offline.",
+        "start_url": "/?source=pwa", "scope": "/", "display": "standalone",
+        "theme_color": PWA_THEME, "background_color": PWA_BACKGROUND, "icons": icons,
+    }
+    response = JsonResponse(manifest, content_type="application/manifest+json")
+    response["Cache-Control"] = "no-cache"
+    return response
+
+
+def _precache_urls() -> list[str]:
+    """The app shell the service worker stores at install: the offline page and the hashed static files
+    every page needs (WhiteNoise's manifest names in production, plain names in development)."""
+    from django.templatetags.static import static as static_url
+
+    files = ["vigil/app.css", "vigil/pwa.js", "vigil/shortcuts.js", "vigil/charts.js", "vigil/explanations.css",
+             "vigil/vendor/echarts-5.6.0.min.js", "vigil/icons/icon-192.png", "django_htmx/htmx-2.min.js", "django_htmx/ext/hx-ws-2.min.js"]
+    return [reverse("detection:offline"), *(static_url(f) for f in files)]
+
+
+def service_worker(request: HttpRequest) -> HttpResponse:
+    """/sw.js, served from the site root so its scope is the whole site. The cache name carries a hash of
+    the precached URLs, so a deploy with new static files installs a new worker and drops old caches."""
+    import hashlib
+
+    precache = _precache_urls()
+    version = hashlib.sha256("\n".join(precache).encode()).hexdigest()[:12]
+    context = {"precache_json": json.dumps(precache), "version": version, "offline_url": reverse("detection:offline"),
+               "static_prefix": settings.STATIC_URL}
+    response = render(request, "detection/sw.js", context, content_type="application/javascript")
+    response["Service-Worker-Allowed"] = "/"
+    response["Cache-Control"] = "no-cache"
+    return response
+
+
+def offline(request: HttpRequest) -> HttpResponse:
+    """What the service worker shows for a page it has neither fetched nor cached; no login needed.
+
+    Rendered as for an anonymous visitor whoever asks: the worker precaches it once, and a saved copy
+    naming the user (nav, data-user) would outlive a logout and replay another user's queued verdicts.
+    """
+    from django.contrib.auth.models import AnonymousUser
+
+    return render(request, "detection/offline.html", {"user": AnonymousUser()})

@@ -1,11 +1,19 @@
 """Every registered detector on plain arrays: interface, thresholds, metadata, the ensemble."""
+import pickle
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from detection.ml import suite  # noqa: F401  (registers the detectors)
-from detection.ml.detectors import DETECTORS, AnomalyDetectorConfig, DetectorError
-from detection.ml.suite import EnsembleDetector
+from detection.ml.deep import LSTMAutoencoderDetector
+from detection.ml.detectors import DETECTORS, AnomalyDetectorConfig, DetectorError, detector_metadata
+from detection.ml.scoring import impact_of, severity_from_score
+from detection.ml.statistical import GrubbsDetector
+from detection.ml.suite import (
+    AutoDetector, EnsembleDetector, data_characteristics, select_detectors, tune_hyperparameters,
+    weights_from_feedback,
+)
 
 CONFIG = AnomalyDetectorConfig(n_estimators=100, contamination=0.05, min_training_rows=20)
 
@@ -39,9 +47,15 @@ def test_detector_flags_a_clear_outlier_and_respects_contamination(name):
 def test_detector_declares_its_metadata(name):
     cls = DETECTORS[name]
     assert cls.family and isinstance(cls.multivariate, bool) and isinstance(cls.streaming, bool)
+    assert isinstance(cls.needs_training, bool)
     assert "contamination" in cls.hyperparameters
     for spec in cls.hyperparameters.values():
-        assert spec["min"] <= spec["default"] <= spec["max"]
+        if "choices" in spec:
+            assert spec["default"] in spec["choices"]
+        else:
+            assert spec["min"] <= spec["default"] <= spec["max"]
+    meta = detector_metadata(name)
+    assert meta["name"] == name and meta["summary"]
 
 
 def test_ensemble_leaves_out_a_failing_member_with_its_reason():
@@ -68,3 +82,226 @@ def test_robust_z_score_is_the_largest_robust_z():
     probe = pd.DataFrame([[0.0, 0.0, 0.0, 0.0]], columns=X.columns)
     probe.loc[0, "b"] = np.median(X["b"]) + 1.4826 * np.median(np.abs(X["b"] - np.median(X["b"]))) * 4
     assert det.score_samples(probe)[0] == pytest.approx(4.0, rel=0.05)
+
+
+# --- the new detectors on crafted series --------------------------------------------------------
+
+SPIKE, SHIFT = 1000, 1100
+
+
+def _crafted(n=1200, seed=1):
+    """Two columns: a daily-like sine (period 50) with noise, and white noise; a spike of 6 in
+    column a at SPIKE and a level shift of 6 in column b from SHIFT on."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)
+    X = pd.DataFrame({"a": np.sin(2 * np.pi * t / 50) + 0.1 * rng.normal(size=n), "b": rng.normal(size=n)})
+    if n > SHIFT:
+        X.loc[SPIKE, "a"] += 6
+        X.loc[SHIFT:, "b"] += 6
+    return X
+
+
+NEW = ["grubbs", "windowed_gaussian", "stl_residual", "forecast", "ocsvm", "lstm_ae", "auto"]
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_new_detector_flags_a_spike_and_the_start_of_a_level_shift(name):
+    X = _crafted()
+    det = DETECTORS[name](AnomalyDetectorConfig(contamination=0.01))
+    det.fit(X.iloc[:800], ["a", "b"])
+    test = X.iloc[800:]
+    flagged = det.score_samples(test) > det.threshold_
+    assert flagged[SPIKE - 800]
+    assert flagged[SHIFT - 800:SHIFT - 800 + 5].any()
+    assert flagged[:SPIKE - 800].mean() < 0.05  # the quiet stretch before the spike
+
+
+def test_sequential_detector_never_looks_ahead():
+    X = _crafted()
+    det = DETECTORS["windowed_gaussian"](CONFIG).fit(X.iloc[:800], ["a", "b"])
+    full = det.score_samples(X.iloc[800:])
+    cut = det.score_samples(X.iloc[800:1050])
+    np.testing.assert_allclose(full[:250], cut)
+
+
+def test_grubbs_critical_value_matches_the_published_table():
+    # Grubbs (1969) / NIST e-Handbook 1.3.5.17: n = 10, alpha = 0.05 (two-sided) -> 2.290
+    assert GrubbsDetector.critical_value(10, 0.05) == pytest.approx(2.290, abs=0.002)
+    with pytest.raises(DetectorError, match="alpha"):
+        GrubbsDetector(alpha=1.5)
+
+
+def test_grubbs_removes_training_outliers_before_estimating():
+    X = _frame(n=300)
+    X.loc[:4, "a"] = 50.0  # five gross outliers in the training rows
+    det = GrubbsDetector(CONFIG).fit(X, ["a", "b", "c"])
+    assert det.removed_[0] >= 5 and abs(det.mean_[0]) < 0.3
+
+
+def test_lstm_autoencoder_is_deterministic_with_a_seed():
+    X = _crafted(n=160)
+    kwargs = {"window": 5, "hidden": 4, "epochs": 1}
+    first = LSTMAutoencoderDetector(CONFIG, **kwargs).fit(X, ["a", "b"])
+    again = LSTMAutoencoderDetector(CONFIG, **kwargs).fit(X, ["a", "b"])
+    other = LSTMAutoencoderDetector(AnomalyDetectorConfig(min_training_rows=20, random_state=7), **kwargs).fit(
+        X, ["a", "b"])
+    np.testing.assert_array_equal(first.score_samples(X), again.score_samples(X))
+    assert not np.allclose(first.score_samples(X), other.score_samples(X))
+    assert first.device_ in ("cpu", "cuda")
+    restored = pickle.loads(pickle.dumps(first))  # the model artifact is a pickle
+    np.testing.assert_allclose(restored.score_samples(X), first.score_samples(X), rtol=1e-6)
+
+
+def test_lstm_autoencoder_refuses_too_few_rows_for_its_window():
+    X = _crafted(n=40)
+    with pytest.raises(DetectorError, match="window=30"):
+        LSTMAutoencoderDetector(AnomalyDetectorConfig(min_training_rows=10)).fit(X.iloc[:25], ["a", "b"])
+
+
+class _Broken(DETECTORS["robust_z"]):
+    """Fits, then fails when scoring rows it has not seen."""
+
+    def score_samples(self, X):
+        if len(X) < 100:
+            raise RuntimeError("model file corrupt")
+        return super().score_samples(X)
+
+
+def test_ensemble_excludes_a_member_that_fails_to_score_and_records_why(monkeypatch):
+    monkeypatch.setitem(DETECTORS, "broken", _Broken)
+    X = _frame()
+    det = EnsembleDetector(CONFIG, members=["broken", "iqr"]).fit(X, ["a", "b", "c"])
+    scores = det.score_samples(X.iloc[:10])
+    assert scores.shape == (10,)
+    assert list(det.members_) == ["iqr"]
+    assert "model file corrupt" in det.excluded_["broken"] and det.params()["excluded"]["broken"]
+
+
+def test_rank_fusion_and_weights():
+    X = _frame()
+    zero = EnsembleDetector(AnomalyDetectorConfig(min_training_rows=20, ensemble_fusion="rank",
+                                                  ensemble_weights=(("iqr", 0.0),)),
+                            members=["robust_z", "iqr"]).fit(X, ["a", "b", "c"])
+    alone = EnsembleDetector(AnomalyDetectorConfig(min_training_rows=20, ensemble_fusion="rank"),
+                             members=["robust_z"]).fit(X, ["a", "b", "c"])
+    inside = zero.score_samples(X)
+    np.testing.assert_allclose(inside, alone.score_samples(X))  # a member of weight 0 counts for nothing
+    assert 0 <= inside.min() and inside.max() <= 1  # training rows rank inside [0, 1]
+    far = pd.DataFrame([[30.0, 0, 0, 0], [60.0, 0, 0, 0]], columns=X.columns)
+    assert 1 < zero.score_samples(far)[0] < zero.score_samples(far)[1]  # and beyond it keep growing
+    with pytest.raises(DetectorError, match="ensemble_fusion"):
+        AnomalyDetectorConfig(ensemble_fusion="mean")
+
+
+def test_weights_from_feedback_follow_each_members_precision():
+    feedback = pd.DataFrame({"verdict": ["true_positive"] * 8 + ["false_positive"] * 8 + ["not_sure"] * 3,
+                             "good": [True] * 8 + [False] * 8 + [True] * 3,
+                             "noisy": [True] * 16 + [True] * 3})
+    w = weights_from_feedback(feedback, ["good", "noisy"], priors={"noisy": 2.0})
+    assert w["good"] == pytest.approx((8 + 2) / (8 + 4) / 0.5)  # 8 of 8 flagged were true
+    assert w["noisy"] == pytest.approx(2.0 * (8 + 2) / (16 + 4) / 0.5)
+    assert weights_from_feedback(feedback.iloc[:0], ["good"]) == {"good": 1.0}
+    with pytest.raises(DetectorError, match="lacks column.*other"):
+        weights_from_feedback(feedback, ["other"])
+
+
+def test_confidence_weighs_each_members_vote():
+    X = _frame()
+    det = EnsembleDetector(CONFIG, members=["robust_z", "iqr"], weights={"robust_z": 3.0}).fit(X, ["a", "b", "c"])
+    probe = pd.DataFrame([[0.0, 0, 0, 0], [9.0, 0, 0, 0]], columns=X.columns)
+    assert det.confidence(probe).tolist() == [0.0, 1.0]
+    det.members_["iqr"].threshold_ = np.inf  # iqr never votes now
+    assert det.confidence(probe)[1] == pytest.approx(0.75)
+
+
+def test_severity_is_score_times_business_impact():
+    z = np.array([3.0, 3.0, 5.0, 5.0])
+    assert severity_from_score(z, (4, 6, 10)).tolist() == ["low", "low", "medium", "medium"]
+    assert severity_from_score(z, (4, 6, 10), impact=np.array([1, 2, 1, 2.5])).tolist() == [
+        "low", "high", "medium", "critical"]
+    with pytest.raises(ValueError, match="ascending"):
+        severity_from_score(z, (6, 4, 10))
+    top = [{"domain": "power"}]
+    assert impact_of(top, None, {"power": 2.0}) == 2.0
+    assert impact_of(top, pd.DataFrame({"model": ["X1"]}), {"power": 2.0, "X1": 3.0}) == 3.0
+    assert impact_of([{"domain": "network"}], None, {"power": 2.0}) == 1.0
+
+
+def test_impact_weights_come_from_the_settings_mapping():
+    config = AnomalyDetectorConfig.from_mapping({"impact_weights": {"power": 2}, "ensemble_weights": {"lof": 0.5}})
+    assert config.impact_weights == (("power", 2.0),) and config.ensemble_weights == (("lof", 0.5),)
+    with pytest.raises(DetectorError, match="non-negative.*power"):
+        AnomalyDetectorConfig.from_mapping({"impact_weights": {"power": -1}})
+
+
+def test_selection_follows_the_data_characteristics():
+    short = data_characteristics(_frame(n=100), ["a"])
+    assert short["multivariate"] is False and select_detectors(short)[0] == ("robust_z", "iqr", "grubbs")
+    seasonal = data_characteristics(_crafted(), ["a"])
+    assert seasonal["seasonality_strength"] > 0.5
+    assert "stl_residual" in select_detectors(seasonal)[0] and "lof" not in select_detectors(seasonal)[0]
+    gappy = _frame(n=1500)
+    gappy.loc[gappy.index % 3 == 0, ["a", "b"]] = np.nan
+    traits = data_characteristics(gappy, ["a", "b", "c"])
+    members, reason = select_detectors(traits)
+    assert traits["missing_share"] == pytest.approx(0.222, abs=0.01)
+    assert "windowed_gaussian" not in members and "lof" in members and "missing" in reason
+
+
+def test_auto_detector_records_its_choice_and_reason():
+    X = _crafted()
+    det = AutoDetector(CONFIG).fit(X.iloc[:800], ["a", "b"])
+    selection = det.params()["selection"]
+    assert selection["members"] == list(det.member_names) and "stl_residual" in selection["members"]
+    assert "seasonal" in selection["reason"] and selection["characteristics"]["rows"] == 800
+    assert det.params()["selected_members"] == ",".join(det.member_names) and det.params()["data_rows"] == 800
+
+
+def test_tuning_uses_time_series_splits_and_picks_the_best_f1():
+    rng = np.random.default_rng(3)
+    X = pd.DataFrame({"a": rng.normal(size=1200)})
+    y = np.zeros(1200, dtype=int)
+    y[rng.choice(np.arange(300, 1200), 30, replace=False)] = 1
+    X.loc[y == 1, "a"] += 5
+    result = tune_hyperparameters("robust_z", X, ["a"], y, {"contamination": [0.001, 0.2]}, n_splits=3)
+    assert len(result.trials) == 2 and all(len(t["folds"]) == 3 for t in result.trials)
+    assert result.best == {"contamination": 0.001} and result.best_f1 > 0.8
+    with pytest.raises(DetectorError, match="labels has 5 entries"):
+        tune_hyperparameters("robust_z", X, ["a"], y[:5], {"contamination": [0.01]})
+
+
+@pytest.mark.django_db
+def test_fleet_config_chooses_auto_and_the_model_version_records_the_choice():
+    from detection.choices import RunStatus
+    from detection.ingest.loader import ingest_batch
+    from detection.ingest.synthetic import generate_fleet
+    from detection.models import Fleet
+    from detection.services import pipeline_run_create, pipeline_run_execute
+
+    ingest_batch(batch=generate_fleet(devices=6, days=3, seed=7), fleet_name="small")
+    fleet = Fleet.objects.get(name="small")
+    fleet.config = {**(fleet.config or {}), "algorithm": "auto"}
+    fleet.save()
+    run = pipeline_run_execute(run_id=pipeline_run_create(fleet=fleet, params={}).id)
+    assert run.status == RunStatus.SUCCEEDED, run.error
+    params = run.model_version.params
+    assert params["algorithm"] == "auto"
+    assert params["selected_members"] and params["selection_reason"]
+    assert params["data_rows"] == 6 * 3 * 24
+
+
+def test_score_frame_raises_severity_by_the_domains_impact_weight():
+    from detection.ml.scoring import score_frame
+
+    rng = np.random.default_rng(0)
+    X = pd.DataFrame({"m": rng.normal(size=500)})
+    probe = pd.DataFrame({"m": [0.0, 5.0]})
+    severities = {}
+    for weights in ((), (("power", 3.0),)):
+        config = AnomalyDetectorConfig(min_training_rows=20, impact_weights=weights)
+        det = DETECTORS["robust_z"](config).fit(X, ["m"])
+        result = score_frame(det, probe, explain=probe, features=["m"], feature_metric={"m": "m"},
+                             metric_domain={"m": "power"}, baselines=None)
+        assert result.labels.tolist() == [1, -1]
+        severities[weights] = result.severity[1]
+    assert severities[()] == "medium" and severities[(("power", 3.0),)] == "critical"

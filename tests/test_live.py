@@ -2,13 +2,15 @@
 services through detection.push, and never breaking a service when the channel layer fails."""
 from __future__ import annotations
 
+import re
+
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import AnonymousUser, Group
 
-from detection.choices import RunStage, RunStatus
+from detection.choices import Label, RunStage, RunStatus
 from detection.consumers import CLOSE_FORBIDDEN, CLOSE_NOT_FOUND
 from detection.push import push_run_finished, push_run_progress
 from detection.routing import websocket_urlpatterns
@@ -78,6 +80,36 @@ def test_finished_run_pushes_the_new_anomalies_banner():
         await communicator.disconnect()
 
     async_to_sync(scenario)()
+
+
+def test_finished_run_pushes_its_new_anomalies_as_list_rows():
+    viewer = user_with_role("vera", "viewer")
+    run = PipelineRunFactory(n_anomalies=3)
+    results = AnomalyResultFactory.create_batch(3, run=run)
+    AnomalyResultFactory(run=run, label=Label.NORMAL, severity="")
+
+    async def scenario():
+        communicator = _communicator(run.fleet.name, viewer)
+        assert (await communicator.connect())[0]
+        await sync_to_async(push_run_finished)(run)
+        messages = [await communicator.receive_from(timeout=5) for _ in range(4)]  # row, card, banner, rows
+        rows = messages[3]
+        assert rows.startswith('<tbody hx-swap-oob="afterbegin:#anomaly-rows">')
+        ids = re.findall(r'<tr id="anomaly-(\d+)" class="row-new">', rows)
+        assert ids == [str(r.pk) for r in sorted(results, key=lambda r: r.timestamp, reverse=True)]
+        await communicator.disconnect()
+
+    async_to_sync(scenario)()
+
+
+def test_only_the_default_anomaly_list_takes_live_rows(client):
+    run = PipelineRunFactory()
+    AnomalyResultFactory.create_batch(2, run=run)
+    client.force_login(user_with_role("vera", "viewer"))
+    url = f"/fleets/{run.fleet.name}/anomalies/"
+    assert 'id="anomaly-rows"' in client.get(url).content.decode()
+    for query in ({"run": run.pk}, {"sort": "-score"}, {"severity": "high"}):
+        assert 'id="anomaly-rows"' not in client.get(url, query).content.decode(), query
 
 
 def test_user_whose_role_is_removed_stops_receiving_events():

@@ -19,6 +19,7 @@ from detection.ml.nab import (
     normalised_score,
     probationary_length,
     scaled_sigmoid,
+    suppress_repeats,
     score_detections,
     streaming_rank,
     sweep,
@@ -256,3 +257,16 @@ def test_streaming_rank_makes_files_on_different_scales_comparable():
     rng = np.random.default_rng(0)
     x = rng.normal(size=300)
     assert np.array_equal(streaming_rank(x, 50), streaming_rank(1000 * x + 7, 50), equal_nan=True)
+
+
+def test_suppress_repeats_keeps_only_new_highs_of_the_recent_rows():
+    s = np.array([np.nan, 0.2, 0.9, 0.95, 0.95, 0.5, 0.3, 0.96, 0.1, 0.2])
+    out = suppress_repeats(s, 3)
+    assert np.isnan(out[0])
+    # 0.9 and 0.95 are new highs; the repeated 0.95 and the fall to 0.5/0.3 are not; 0.96 is
+    # (the last 3 rows held 0.95, 0.5, 0.3); the final 0.2 is below the 0.96 two rows earlier.
+    assert out[1:].tolist() == [0.2, 0.9, 0.95, 0.0, 0.0, 0.0, 0.96, 0.0, 0.0]
+    # causal: the first k outputs never depend on later rows
+    np.testing.assert_array_equal(suppress_repeats(s[:6], 3), out[:6])
+    with pytest.raises(ValueError, match="window"):
+        suppress_repeats(s, 0)

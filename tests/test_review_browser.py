@@ -28,6 +28,11 @@ def _shoot(page, folder, name: str) -> None:
         page.set_viewport_size({"width": width, "height": 900})
         page.wait_for_timeout(300)
         assert page.evaluate("document.documentElement.scrollWidth") <= width, f"{name} overflows at {width} px"
+        small = page.evaluate("""() => [...document.querySelectorAll(
+              'main a.button, main button, .nav a, .segmented a, .filters select, .filters input, textarea')]
+            .filter(e => e.offsetParent !== null && e.type !== 'hidden')
+            .map(e => [e.name || e.textContent.trim(), e.getBoundingClientRect().height]).filter(([t, h]) => h < 44)""")
+        assert not small, f"{name}: touch targets under 44 px at {width} px: {small}"
         page.screenshot(path=str(folder / f"{name}-{width}.png"), full_page=True)
     page.set_viewport_size({"width": 1280, "height": 900})
 

@@ -6,7 +6,9 @@ from django.conf import settings
 from rest_framework import serializers
 
 from baselines.models import BaselineVersion
-from detection.models import AnomalyResult, Device, Fleet, ModelVersion, PipelineRun
+from detection.choices import Severity, Verdict
+from detection.models import AnomalyFeedback, AnomalyResult, Device, Fleet, ModelVersion, PipelineRun
+from detection.services import FEEDBACK_COMMENT_MAX
 
 
 class FleetSerializer(serializers.ModelSerializer):
@@ -53,6 +55,8 @@ class AnomalyResultSerializer(serializers.ModelSerializer):
     model_version = serializers.SlugRelatedField(slug_field="version", read_only=True)
     baseline_version = serializers.SlugRelatedField(slug_field="number", read_only=True)
     is_anomaly = serializers.BooleanField(read_only=True)
+    severity = serializers.ChoiceField(choices=Severity.choices, allow_blank=True, read_only=True,
+                                       help_text="blank for normal results")
 
     class Meta:
         model = AnomalyResult
@@ -147,3 +151,48 @@ class ObservationBatchSerializer(serializers.Serializer):
             raise serializers.ValidationError(f"at most {limit} observations per batch (MAX_BATCH_SIZE), "
                                               f"got {len(value)}")
         return value
+
+
+class TelemetryIngestSerializer(serializers.Serializer):
+    """POST /fleets/{name}/telemetry/ as JSON: rows are objects with device_id, timestamp (ISO 8601),
+    the fleet's metrics (number or null; one left out is missing) and optionally device attributes.
+    A multipart upload sends the same columns as a CSV file in `file` instead of rows."""
+
+    rows = serializers.ListField(child=serializers.JSONField(), required=False,
+                                 help_text="one object per sample (JSON requests)")
+    file = serializers.FileField(required=False, help_text="a CSV file (multipart requests)")
+    create_devices = serializers.BooleanField(default=False,
+                                              help_text="add devices the fleet does not have yet")
+
+    def validate(self, attrs):
+        if ("rows" in attrs) == ("file" in attrs):
+            raise serializers.ValidationError({"rows": ["give either rows (JSON) or file (a CSV upload)"]})
+        return attrs
+
+
+class TelemetryIngestResultSerializer(serializers.Serializer):
+    fleet = serializers.CharField()
+    rows = serializers.IntegerField()
+    devices_created = serializers.IntegerField()
+    devices_existing = serializers.IntegerField()
+    seconds = serializers.FloatField()
+
+
+class AnomalyFeedbackSerializer(serializers.ModelSerializer):
+    fleet = serializers.CharField(source="anomaly.fleet.name", read_only=True)
+    user = serializers.CharField(source="user.get_username", read_only=True)
+
+    class Meta:
+        model = AnomalyFeedback
+        fields = ["id", "anomaly", "fleet", "user", "verdict", "comment", "client_id", "created_at", "updated_at"]
+        read_only_fields = fields
+
+
+class AnomalyFeedbackCreateSerializer(serializers.Serializer):
+    """POST /feedback/: a verdict on an anomaly (label -1). One per (anomaly, user): a re-submit
+    updates it; a known client_id returns the stored verdict (offline replays)."""
+
+    anomaly = serializers.PrimaryKeyRelatedField(queryset=AnomalyResult.objects.select_related("fleet"))
+    verdict = serializers.ChoiceField(choices=Verdict.choices)
+    comment = serializers.CharField(required=False, allow_blank=True, default="", max_length=FEEDBACK_COMMENT_MAX)
+    client_id = serializers.UUIDField(required=False, allow_null=True, default=None)

@@ -12,6 +12,7 @@ router.register("runs", views.PipelineRunViewSet, basename="run")
 router.register("anomalies", views.AnomalyResultViewSet, basename="anomaly")
 router.register("model-versions", views.ModelVersionViewSet, basename="model-version")
 router.register("baseline-versions", views.BaselineVersionViewSet, basename="baseline-version")
+router.register("feedback", views.AnomalyFeedbackViewSet, basename="feedback")
 
 urlpatterns = [
     path("health", views.HealthView.as_view(), name="health"),

@@ -2,15 +2,18 @@
 model versions and baseline versions. Views parse input, call one service or selector, render."""
 from __future__ import annotations
 
+from datetime import timezone as dt_timezone
+
 import django_filters
+from django import forms
 from django.conf import settings
 from django.db import transaction
-from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.authentication import SessionAuthentication, TokenAuthentication
 from rest_framework.decorators import action
-from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.exceptions import ValidationError
+from rest_framework.parsers import JSONParser, MultiPartParser
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -18,16 +21,20 @@ from rest_framework.views import APIView
 from baselines.models import BaselineVersion
 from detection import serving, services
 from detection.choices import Label, ModelStatus, RunStatus, Severity, Trigger
-from detection.models import AnomalyResult, Device, Fleet, ModelVersion, PipelineRun
+from detection.choices import Verdict
+from detection.models import AnomalyFeedback, AnomalyResult, Device, Fleet, ModelVersion, PipelineRun
 
-from . import health
+from . import health, ingest
 from .errors import Conflict, Unavailable
 from .permissions import HasRole
 from .serializers import (
-    AnomalyResultSerializer, BaselineVersionSerializer, DetectionBatchSerializer, DetectionSerializer,
+    AnomalyFeedbackCreateSerializer, AnomalyFeedbackSerializer, AnomalyResultSerializer, BaselineVersionSerializer,
+    DetectionBatchSerializer, DetectionSerializer,
     DeviceSerializer, FleetSerializer, ModelVersionRollbackSerializer, ModelVersionSerializer,
     ObservationBatchSerializer, ObservationSerializer, PipelineRunCreateSerializer, PipelineRunSerializer,
+    TelemetryIngestResultSerializer, TelemetryIngestSerializer,
 )
+from .throttling import API_THROTTLES
 
 # Clients use tokens, the web app its session; Token first so that an anonymous request gets a 401.
 API_AUTHENTICATION = [TokenAuthentication, SessionAuthentication]
@@ -36,7 +43,7 @@ API_AUTHENTICATION = [TokenAuthentication, SessionAuthentication]
 
 HealthSerializer = inline_serializer("Health", {
     "status": serializers.ChoiceField(choices=["ok", "down"]), "version": serializers.CharField(),
-    "checks": serializers.DictField()})
+    "checks": serializers.DictField(), "model_health": serializers.DictField()})
 
 
 class _Open(APIView):
@@ -55,7 +62,11 @@ class HealthView(_Open):
         checks["models"] = health.check_models() if checks["database"]["status"] == "ok" else \
             {"status": "down", "error": "database is down"}
         ok = all(c["status"] == "ok" for c in checks.values())
-        return Response({"status": "ok" if ok else "down", "version": health.app_version(), "checks": checks},
+        from alerts.health import model_health_summary  # per fleet: drift, precision, model age, triggers
+
+        model_health = model_health_summary() if checks["database"]["status"] == "ok" else {}
+        return Response({"status": "ok" if ok else "down", "version": health.app_version(), "checks": checks,
+                         "model_health": model_health},
                         status=status.HTTP_200_OK if ok else status.HTTP_503_SERVICE_UNAVAILABLE)
 
 
@@ -67,10 +78,15 @@ class LivenessView(_Open):
         return Response({"status": "ok"})
 
 
+ReadinessSerializer = inline_serializer("Readiness", {
+    "status": serializers.ChoiceField(choices=["ok", "down"]), "version": serializers.CharField(),
+    "checks": serializers.DictField()})
+
+
 class ReadinessView(_Open):
     """Ready to serve: the database answers and every migration is applied (503 otherwise)."""
 
-    @extend_schema(responses={200: HealthSerializer, 503: HealthSerializer})
+    @extend_schema(responses={200: ReadinessSerializer, 503: ReadinessSerializer})
     def get(self, request):
         database = health.check_database()
         checks = {"database": database}
@@ -119,12 +135,18 @@ def _raise(exc: serving.ServingError, *, batch: bool):
     raise ValidationError(detail)
 
 
-class DetectView(APIView):
-    """Score one observation with the fleet's production model. Nothing is persisted."""
+class _ScoringView(APIView):
+    """Scoring reads no more than a viewer may see: POSTs need the viewer role only."""
 
     authentication_classes = API_AUTHENTICATION
     permission_classes = [HasRole]
+    throttle_classes = API_THROTTLES
+    throttle_scope = "detect"
     read_role = write_role = "viewer"
+
+
+class DetectView(_ScoringView):
+    """Score one observation with the fleet's production model. Nothing is persisted."""
 
     @extend_schema(request=ObservationSerializer, responses={
         200: DetectionSerializer, 400: OpenApiResponse(description="a field is invalid; the body names it"),
@@ -135,12 +157,8 @@ class DetectView(APIView):
         return Response(_detect([params.validated_data], batch=False)[0])
 
 
-class DetectBatchView(APIView):
+class DetectBatchView(_ScoringView):
     """Score up to MAX_BATCH_SIZE observations: {"observations": [...]} or a bare list. Nothing is persisted."""
-
-    authentication_classes = API_AUTHENTICATION
-    permission_classes = [HasRole]
-    read_role = write_role = "viewer"
 
     @extend_schema(request=ObservationBatchSerializer, responses={
         200: DetectionBatchSerializer, 400: OpenApiResponse(description="a field is invalid; the body names it"),
@@ -159,20 +177,81 @@ class DetectBatchView(APIView):
 
 # --- resources -----------------------------------------------------------------------------------
 
+class IdFilter(django_filters.NumberFilter):
+    """A primary key: a whole number the database can hold (a larger one is a 400, not an overflow)."""
+
+    field_class = forms.IntegerField
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("min_value", 1)
+        kwargs.setdefault("max_value", 2 ** 63 - 1)
+        super().__init__(*args, **kwargs)
+
+
+class UtcIsoDateTimeField(django_filters.fields.IsoDateTimeField):
+    """An ISO 8601 bound, converted to UTC: Python accepts UTC offsets up to 24 h, PostgreSQL only
+    up to 15:59, so an unconverted "-18:58" would be a database error (a 500) instead of a bound."""
+
+    def to_python(self, value):
+        value = super().to_python(value)
+        return value.astimezone(dt_timezone.utc) if value is not None and value.tzinfo is not None else value
+
+
+class UtcIsoDateTimeRangeField(django_filters.fields.RangeField):
+    widget = django_filters.widgets.DateRangeWidget
+
+    def __init__(self, *args, **kwargs):
+        super().__init__((UtcIsoDateTimeField(), UtcIsoDateTimeField()), *args, **kwargs)
+
+
+class UtcIsoDateTimeFromToRangeFilter(django_filters.IsoDateTimeFromToRangeFilter):
+    field_class = UtcIsoDateTimeRangeField
+
+
 class RoleViewSetMixin:
     authentication_classes = API_AUTHENTICATION
     permission_classes = [HasRole]
+    throttle_classes = API_THROTTLES
     read_role = "viewer"
     write_role = "approver"
 
 
 class FleetViewSet(RoleViewSetMixin, viewsets.ReadOnlyModelViewSet):
-    """Fleets, by name."""
+    """Fleets, by name. Approvers add telemetry with POST /fleets/{name}/telemetry/."""
 
     serializer_class = FleetSerializer
     queryset = Fleet.objects.all()
     lookup_field = "name"
     filterset_fields: list[str] = []
+
+    def get_throttles(self):
+        if self.action == "telemetry":
+            self.throttle_scope = "ingest"
+        return super().get_throttles()
+
+    @extend_schema(request={"application/json": TelemetryIngestSerializer,
+                            "multipart/form-data": TelemetryIngestSerializer},
+                   responses={201: TelemetryIngestResultSerializer,
+                              400: OpenApiResponse(description="a row or column is invalid; the body names "
+                                                               "each (nothing was saved)")})
+    @action(detail=True, methods=["post"], parser_classes=[JSONParser, MultiPartParser])
+    def telemetry(self, request, name=None):
+        """Add telemetry to the fleet: JSON {"rows": [...]} or a CSV upload in `file`; all-or-nothing,
+        with the same checks as `manage.py ingest` (each problem names its row and column)."""
+        fleet = self.get_object()
+        params = TelemetryIngestSerializer(data=request.data)
+        params.is_valid(raise_exception=True)
+        data = params.validated_data
+        try:
+            if "file" in data:
+                result = ingest.telemetry_ingest_csv(fleet=fleet, upload=data["file"],
+                                                     create_devices=data["create_devices"], user=request.user)
+            else:
+                result = ingest.telemetry_ingest_rows(fleet=fleet, rows=data["rows"],
+                                                      create_devices=data["create_devices"], user=request.user)
+        except ingest.TelemetryIngestError as exc:
+            raise ValidationError({exc.field: exc.messages}) from None
+        return Response(TelemetryIngestResultSerializer(result).data, status=status.HTTP_201_CREATED)
 
 
 class DeviceFilterSet(django_filters.FilterSet):
@@ -229,11 +308,11 @@ class PipelineRunViewSet(RoleViewSetMixin, mixins.CreateModelMixin, viewsets.Rea
 
 class AnomalyResultFilterSet(django_filters.FilterSet):
     fleet = django_filters.CharFilter(field_name="fleet__name")
-    run = django_filters.NumberFilter(field_name="run_id")
+    run = IdFilter(field_name="run_id")
     device = django_filters.CharFilter(field_name="device__external_id")
     severity = django_filters.ChoiceFilter(choices=Severity.choices)
     label = django_filters.TypedChoiceFilter(choices=Label.choices, coerce=int)
-    timestamp = django_filters.IsoDateTimeFromToRangeFilter()
+    timestamp = UtcIsoDateTimeFromToRangeFilter()
     min_score = django_filters.NumberFilter(field_name="anomaly_score", lookup_expr="gte")
 
     class Meta:
@@ -301,3 +380,36 @@ class BaselineVersionViewSet(RoleViewSetMixin, viewsets.ReadOnlyModelViewSet):
     serializer_class = BaselineVersionSerializer
     queryset = BaselineVersion.objects.select_related("fleet").order_by("fleet__name", "-number")
     filterset_class = BaselineVersionFilterSet
+
+
+class AnomalyFeedbackFilterSet(django_filters.FilterSet):
+    fleet = django_filters.CharFilter(field_name="anomaly__fleet__name")
+    anomaly = IdFilter(field_name="anomaly_id")
+    verdict = django_filters.ChoiceFilter(choices=Verdict.choices)
+    user = django_filters.CharFilter(field_name="user__username")
+
+    class Meta:
+        model = AnomalyFeedback
+        fields: list[str] = []
+
+
+class AnomalyFeedbackViewSet(RoleViewSetMixin, mixins.CreateModelMixin, viewsets.ReadOnlyModelViewSet):
+    """Review verdicts on anomalies, newest first. Reviewers POST one (one per anomaly and user: a
+    re-submit updates it); filters fleet, anomaly, verdict, user."""
+
+    serializer_class = AnomalyFeedbackSerializer
+    queryset = AnomalyFeedback.objects.select_related("anomaly__fleet", "user")
+    filterset_class = AnomalyFeedbackFilterSet
+    write_role = "reviewer"
+
+    @extend_schema(request=AnomalyFeedbackCreateSerializer, responses={201: AnomalyFeedbackSerializer})
+    def create(self, request, *args, **kwargs):
+        params = AnomalyFeedbackCreateSerializer(data=request.data)
+        params.is_valid(raise_exception=True)
+        data = params.validated_data
+        try:
+            feedback = services.feedback_give(anomaly=data["anomaly"], user=request.user, verdict=data["verdict"],
+                                              comment=data["comment"], client_id=data["client_id"])
+        except services.FeedbackError as exc:
+            raise ValidationError({exc.field: [str(exc).split(": ", 1)[-1]]}) from None
+        return Response(AnomalyFeedbackSerializer(feedback).data, status=status.HTTP_201_CREATED)

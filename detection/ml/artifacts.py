@@ -37,7 +37,8 @@ def save_artifact(obj, path: Path | str, *, kind: str) -> str:
 
 
 def load_artifact(path: Path | str, *, kind: str, checksum: str | None = None):
-    """Read an artifact written by save_artifact. Raises ArtifactError on any mismatch."""
+    """Read an artifact written by save_artifact. Raises ArtifactError on any mismatch, and when the file
+    is missing or cannot be read."""
     path = Path(path)
     try:
         with open(path, "rb") as fh:
@@ -45,6 +46,8 @@ def load_artifact(path: Path | str, *, kind: str, checksum: str | None = None):
             payload = fh.read()
     except FileNotFoundError:
         raise ArtifactError(f"artifact {path} does not exist") from None
+    except OSError as exc:  # a directory, no permission, an unreadable disk
+        raise ArtifactError(f"artifact {path} cannot be read: {exc.strerror or exc}") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ArtifactError(f"artifact {path} has no valid header") from None
     if header.get("format_version") != FORMAT_VERSION:

@@ -33,6 +33,21 @@ class DetectorError(ValueError):
     """Pre-flight or fitting failed; the message names the column or count at fault."""
 
 
+METADATA_FIELDS = ("family", "multivariate", "needs_training", "streaming", "hyperparameters")
+
+
+def detector_metadata(name: str) -> dict:
+    """What a registered detector is: {name, family, multivariate (False: each column scored as its
+    own series, the row gets the largest), needs_training, streaming (scores a row from rows up to
+    it only), hyperparameters {name: {default, min, max | choices}}, summary (first docstring line)}.
+    Raises DetectorError for an unknown name."""
+    if name not in DETECTORS:
+        raise DetectorError(f"unknown detector {name!r}; known: {', '.join(sorted(DETECTORS))}")
+    cls = DETECTORS[name]
+    doc = (cls.__doc__ or "").strip().splitlines()
+    return {"name": name, **{f: getattr(cls, f) for f in METADATA_FIELDS}, "summary": doc[0] if doc else ""}
+
+
 @dataclass(frozen=True)
 class AnomalyDetectorConfig:
     """Detector settings. Defaults mirror settings.VIGIL_DETECTION, which the pipeline passes in.
@@ -53,12 +68,24 @@ class AnomalyDetectorConfig:
     n_jobs: int = 1
     temporal_weight: float = 0.6
     ensemble_members: tuple[str, ...] = ()  # EnsembleDetector only; empty means its default members
+    # EnsembleDetector: "robust" (median/MAD of each member's training scores) or "rank" (each
+    # score's empirical quantile among the member's training scores).
+    ensemble_fusion: str = "robust"
+    # ((member, weight), ...): prior weights of the ensemble members (missing members weigh 1).
+    ensemble_weights: tuple[tuple[str, float], ...] = ()
+    # ((domain or cohort value, weight), ...): business impact; scoring multiplies the anomaly's
+    # |z| by it before the severity bands (scoring.severity_from_score). Missing keys weigh 1.
+    impact_weights: tuple[tuple[str, float], ...] = ()
 
     @classmethod
     def from_mapping(cls, values: dict) -> "AnomalyDetectorConfig":
         known = {k: values[k] for k in cls.__dataclass_fields__ if k in values}
         if "ensemble_members" in known:
             known["ensemble_members"] = tuple(known["ensemble_members"])
+        for key in ("ensemble_weights", "impact_weights"):
+            if key in known:
+                pairs = known[key].items() if isinstance(known[key], dict) else known[key]
+                known[key] = tuple((str(k), float(v)) for k, v in pairs)
         if "hybrid_temporal_weight" in values:
             known["temporal_weight"] = values["hybrid_temporal_weight"]
         return cls(**known)
@@ -70,6 +97,11 @@ class AnomalyDetectorConfig:
             raise DetectorError(f"n_estimators must be at least 1, got {self.n_estimators}")
         if not 0 <= self.temporal_weight <= 1:
             raise DetectorError(f"temporal_weight must be in [0, 1], got {self.temporal_weight}")
+        if self.ensemble_fusion not in ("robust", "rank"):
+            raise DetectorError(f"ensemble_fusion must be 'robust' or 'rank', got {self.ensemble_fusion!r}")
+        bad = [k for k, w in (*self.ensemble_weights, *self.impact_weights) if not w >= 0]
+        if bad:
+            raise DetectorError(f"weights must be non-negative numbers; bad key(s): {', '.join(bad)}")
 
 
 def domain_feature_weights(features: list[str], feature_domain: dict[str, str],
@@ -219,6 +251,11 @@ class AnomalyDetector:
         return {**asdict(self.config), "algorithm": self.name}
 
 
+# The pseudo-domain whose weight (domain_weights[TEMPORAL_DOMAIN]) scales the hybrid detector's temporal
+# score against the forest's; no feature belongs to it, so the forest's own weights are untouched.
+TEMPORAL_DOMAIN = "temporal"
+
+
 @register_detector("hybrid")
 class HybridAnomalyDetector(AnomalyDetector):
     """Isolation Forest score fused with a temporal score: the device against its own recent behaviour.
@@ -261,9 +298,16 @@ class HybridAnomalyDetector(AnomalyDetector):
         r = np.clip(np.nan_to_num(r, nan=0.0, posinf=self.TEMPORAL_CLIP), 0, self.TEMPORAL_CLIP)
         return r.max(axis=1)
 
+    def effective_temporal_weight(self) -> float:
+        """temporal_weight, tilted by the domain weight k of TEMPORAL_DOMAIN (reviewers' feedback):
+        w * k / (w * k + 1 - w), so k = 1 (the default) leaves it unchanged."""
+        w = self.config.temporal_weight
+        k = float(getattr(self, "domain_weights", {}).get(TEMPORAL_DOMAIN, 1.0))
+        return w * k / (w * k + 1 - w) if 0 < w < 1 else w
+
     def _fuse(self, forest: np.ndarray, temporal: np.ndarray) -> np.ndarray:
         (fc, fs), (tc, ts) = self.scales_
-        w = self.config.temporal_weight
+        w = self.effective_temporal_weight()
         return (1 - w) * (forest - fc) / fs + w * (temporal - tc) / ts
 
     def score_samples(self, X: pd.DataFrame) -> np.ndarray:

@@ -379,6 +379,26 @@ def streaming_rank(scores, start: int) -> np.ndarray:
     return out
 
 
+def suppress_repeats(scores, window: int) -> np.ndarray:
+    """Keep a score only where it is a new high of the last `window` rows; 0 elsewhere.
+
+    scores: n calibrated scores of one file in time order (NaN where none; NaN stays NaN and is
+    not remembered). Row t keeps s_t when s_t > max(s_{t-window}, ..., s_{t-1}), otherwise gets 0.
+    Causal, threshold-free and the same rule for every file: once a detector has fired, the rows
+    that merely stay high (the same event) do not fire again, while a stronger reading still does.
+    NAB rewards the first detection in a window and charges every detection outside one, so the
+    repeats of one event can only cost. (HTM's and ARTime's NAB runners suppress repeats likewise,
+    with a fixed wait after each detection.) Raises ValueError for window < 1.
+    """
+    if window < 1:
+        raise ValueError(f"window must be at least 1, got {window}")
+    s = np.asarray(scores, dtype="float64")
+    past = pd.Series(s).shift(1).rolling(window, min_periods=1).max().to_numpy()
+    out = np.where(np.isnan(past) | (s > past), s, 0.0)
+    out[np.isnan(s)] = np.nan
+    return out
+
+
 def _utc_ns(values) -> np.ndarray:
     ts = pd.to_datetime(pd.Series(values) if not isinstance(values, pd.Series) else values)
     if getattr(ts.dt, "tz", None) is None:

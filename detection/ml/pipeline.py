@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from baselines.engine import LEVELS, BaselineSet, apply_baselines, compute_baselines
+from baselines.engine import LEVELS, BaselineSet, apply_baselines, compute_baselines, model_overrides
 
 from . import suite  # noqa: F401  (registers the statistical, density and ensemble detectors)
 from .detectors import DETECTORS, AnomalyDetectorConfig, DetectorError
@@ -130,14 +130,20 @@ Progress = Callable[[str, dict], None]
 
 
 def run_core(df: pd.DataFrame, *, metrics: list[str], metric_domain: dict[str, str], config: PipelineConfig,
-             progress: Progress | None = None) -> PipelineOutput:
+             progress: Progress | None = None, baselines: BaselineSet | None = None) -> PipelineOutput:
     """Run features, baselines, train and score on a telemetry frame.
 
     df: rows x (device_id, external_id, timestamp, device attribute columns, metrics), sorted by
         device_id then timestamp (detection.ingest.loader.load_telemetry_frame's shape).
+    baselines: use this set (e.g. an adjusted baseline version) instead of computing one; its
+        model_overrides (contamination, domain weights) override config. It must cover the features
+        and levels the run needs, else StageError("baselines"): a given set never falls back.
     progress(stage, info) is called when a stage starts ({}) and ends ({"seconds", "rows"}).
-    Raises StageError for features, train and score failures.
+    Raises StageError for features, baselines (given set only), train and score failures.
     """
+    given = baselines
+    if given is not None:
+        config = with_overrides(config, given)
     progress = progress or (lambda stage, info: None)
     warnings: list[str] = []
     timings: dict[str, float] = {}
@@ -181,21 +187,27 @@ def run_core(df: pd.DataFrame, *, metrics: list[str], metric_domain: dict[str, s
 
     baselines: BaselineSet | None = None
     with stage("baselines") as s:
-        try:
-            levels = tuple(dict.fromkeys([*config.baseline_levels, config.z_level, "device"]))
-            baselines = compute_baselines(
-                training_rows(frame), usable, levels, min_rows=config.baseline_min_rows,
-                cohort_columns=config.features.cohort_columns, seed=config.detector.random_state)
-            model_frame, model_features, temporal_features = model_inputs(
-                frame, baselines=baselines, usable=usable, metrics=metrics, config=config)
-            s.rows = len(baselines.stats)
-        except Exception as exc:  # any failure here degrades to raw features, by design
-            logger.warning("baselines failed, falling back to raw features: %s", exc)
-            warnings.append(f"baselines failed ({exc}); the model was trained on raw features instead")
-            baselines = None
-            model_frame, model_features, temporal_features = model_inputs(
-                frame, baselines=None, usable=usable, metrics=metrics, config=config)
-            s.rows = 0
+        if given is not None:
+            model_frame, model_features, temporal_features = _given_baseline_inputs(
+                frame, given, usable=usable, metrics=metrics, config=config)
+            baselines = given
+            s.rows = len(given.stats)
+        else:
+            try:
+                levels = tuple(dict.fromkeys([*config.baseline_levels, config.z_level, "device"]))
+                baselines = compute_baselines(
+                    training_rows(frame), usable, levels, min_rows=config.baseline_min_rows,
+                    cohort_columns=config.features.cohort_columns, seed=config.detector.random_state)
+                model_frame, model_features, temporal_features = model_inputs(
+                    frame, baselines=baselines, usable=usable, metrics=metrics, config=config)
+                s.rows = len(baselines.stats)
+            except Exception as exc:  # any failure here degrades to raw features, by design
+                logger.warning("baselines failed, falling back to raw features: %s", exc)
+                warnings.append(f"baselines failed ({exc}); the model was trained on raw features instead")
+                baselines = None
+                model_frame, model_features, temporal_features = model_inputs(
+                    frame, baselines=None, usable=usable, metrics=metrics, config=config)
+                s.rows = 0
 
     detector_cls = DETECTORS[config.algorithm]
     detector = detector_cls(config.detector, feature_domain={**feature_domain, **{
@@ -236,6 +248,27 @@ def run_core(df: pd.DataFrame, *, metrics: list[str], metric_domain: dict[str, s
     scored = frame.loc[score_mask, ["device_id", "external_id", "timestamp"]].reset_index(drop=True)
     return PipelineOutput(scored, result, detector, baselines, model_features, warnings, timings, counts,
                           int(train_mask.sum()), replace(config, features=feature_config))
+
+
+def with_overrides(config: PipelineConfig, baselines: BaselineSet) -> PipelineConfig:
+    """config with the baseline set's feedback overrides (contamination, domain weights) applied."""
+    overrides = model_overrides(baselines)
+    if "contamination" in overrides:
+        config = replace(config, detector=replace(config.detector, contamination=float(overrides["contamination"])))
+    if overrides.get("domain_weights"):
+        config = replace(config, domain_weights={**config.domain_weights, **overrides["domain_weights"]})
+    return config
+
+
+def _given_baseline_inputs(frame, given: BaselineSet, *, usable, metrics, config):
+    levels = tuple(dict.fromkeys([*config.baseline_levels, config.z_level, "device"]))
+    lacking = [f for f in usable if f not in given.features] + [lv for lv in levels if lv not in given.levels]
+    if lacking:
+        raise StageError("baselines", f"the given baseline set lacks {', '.join(lacking)}")
+    try:
+        return model_inputs(frame, baselines=given, usable=usable, metrics=metrics, config=config)
+    except ValueError as exc:
+        raise StageError("baselines", str(exc)) from exc
 
 
 def model_inputs(frame: pd.DataFrame, *, baselines: BaselineSet | None, usable: list[str], metrics: list[str],

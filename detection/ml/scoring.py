@@ -1,5 +1,9 @@
 """Scoring: anomaly scores, labels, severity and the top contributing metrics of each anomaly.
 
+Severity: the top metric's |robust z| times a business-impact weight (per metric domain or cohort
+value, settings.VIGIL_DETECTION["impact_weights"]), banded by the configurable thresholds
+("severity_z": medium, high, critical).
+
 Top metrics rank each source metric by the largest |robust z-score| among its engineered features
 (the z-scores that baselines.engine.apply_baselines added), and report that feature's value, its
 typical value (the baseline median at the level that applied after fall-back) and its MAD.
@@ -16,6 +20,8 @@ from baselines.engine import BaselineSet, lookup
 from .features import feature_kind
 
 SEVERITIES = ("critical", "high", "medium", "low")
+# Columns whose values may carry an impact weight (a cohort: manufacturer, model, OS version).
+COHORT_COLUMNS = ("manufacturer", "model", "os_version", "cohort")
 
 
 @dataclass
@@ -47,6 +53,36 @@ def severity_from_z(max_abs_z: np.ndarray, bands: tuple[float, float, float] = (
                      ["critical", "high", "medium"], default="low")
 
 
+def severity_from_score(scores: np.ndarray, thresholds: tuple[float, float, float] = (4.0, 6.0, 10.0),
+                        impact: np.ndarray | float = 1.0) -> np.ndarray:
+    """Severity per row from a score times a business-impact weight.
+
+    scores: n floats (|z| of the anomaly's top metric, or any score on the thresholds' scale).
+    thresholds: (medium, high, critical), ascending; below medium is low. impact: one weight or n
+    weights (the metric domain's or cohort's impact, settings.VIGIL_DETECTION["impact_weights"]),
+    >= 0. Raises ValueError for unordered thresholds or a negative weight.
+    """
+    medium, high, critical = thresholds
+    if not medium <= high <= critical:
+        raise ValueError(f"severity thresholds must be ascending (medium, high, critical), got {thresholds}")
+    impact = np.asarray(impact, dtype="float64")
+    if (impact < 0).any():
+        raise ValueError("impact weights must be non-negative")
+    return severity_from_z(np.abs(np.asarray(scores, dtype="float64")) * impact, thresholds)
+
+
+def impact_of(top: list[dict], rows: pd.DataFrame | None, weights: dict[str, float]) -> float:
+    """The business-impact weight of one anomaly: the largest weight among its top metric's domain
+    and the row's cohort values (any column value named in `weights`), 1 when none is named."""
+    if not weights:
+        return 1.0
+    keys = [top[0]["domain"]] if top else []
+    if rows is not None:
+        keys += [str(v) for v in rows.to_numpy().ravel()]
+    found = [weights[k] for k in keys if k in weights]
+    return max(found) if found else 1.0
+
+
 def score_frame(
     detector, frame: pd.DataFrame, *, explain: pd.DataFrame, features: list[str], feature_metric: dict[str, str],
     metric_domain: dict[str, str], baselines: BaselineSet | None, level: str = "cohort", top_k: int = 5,
@@ -70,7 +106,11 @@ def score_frame(
         explained = top_metrics(rows, features=features, feature_metric=feature_metric, metric_domain=metric_domain,
                                 baselines=baselines, level=level, detector=detector, top_k=top_k)
         max_z = np.array([abs(t[0]["z"]) if t and t[0]["z"] is not None else 0.0 for t in explained])
-        severity[idx] = severity_from_z(max_z, severity_bands)
+        weights = dict(getattr(getattr(detector, "config", None), "impact_weights", ()) or ())
+        cohort = [c for c in COHORT_COLUMNS if c in rows.columns]
+        impact = np.array([impact_of(t, rows.iloc[[k]][cohort] if cohort else None, weights)
+                           for k, t in enumerate(explained)]) if weights else 1.0
+        severity[idx] = severity_from_score(max_z, severity_bands, impact)
         for i, t in zip(idx, explained):
             top[i] = t
     return ScoreResult(scores, labels, float(detector.threshold_), severity, top)

@@ -18,6 +18,9 @@ of their domain weight, so each domain carries the same share of a squared dista
 """
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, replace
+
 import numpy as np
 import pandas as pd
 
@@ -53,7 +56,10 @@ class _MatrixDetector(AnomalyDetector):
 
 @register_detector("robust_z")
 class RobustZDetector(_MatrixDetector):
+    """The largest |robust z-score| of a row across features (Iglewicz & Hoaglin, 1993)."""
+
     streaming = True
+    multivariate = False
     hyperparameters = {"contamination": {"default": 0.03, "min": 0.001, "max": 0.5}}
 
     def _fit_model(self, X: pd.DataFrame) -> None:
@@ -65,6 +71,9 @@ class RobustZDetector(_MatrixDetector):
 
 @register_detector("iqr")
 class IQRDetector(_MatrixDetector):
+    """The largest distance outside [Q1, Q3] across features, in IQRs (Tukey's fences, 1977)."""
+
+    multivariate = False
     hyperparameters = {"contamination": {"default": 0.03, "min": 0.001, "max": 0.5}}
 
     def _fit_model(self, X: pd.DataFrame) -> None:
@@ -81,6 +90,8 @@ class IQRDetector(_MatrixDetector):
 
 @register_detector("lof")
 class LOFDetector(_MatrixDetector):
+    """Local Outlier Factor in novelty mode (Breunig et al., SIGMOD 2000; scikit-learn)."""
+
     family = "density"
     FIT_SAMPLE = 10_000
     N_NEIGHBORS = 35
@@ -100,69 +111,286 @@ class LOFDetector(_MatrixDetector):
 
 @register_detector("ensemble")
 class EnsembleDetector(AnomalyDetector):
-    """Weighted fusion of robustly scaled member scores; see the module docstring.
+    """Weighted fusion of normalised member scores; see the module docstring.
 
-    members: detector names (default MEMBERS). weights: {name: weight}; missing names weigh 1.
-    A member that fails to fit is left out with its reason in excluded_; the ensemble fails only
-    when every member does.
+    members: detector names (default MEMBERS, or config.ensemble_members). weights: {name: weight}
+    (default config.ensemble_weights; missing names weigh 1; see weights_from_feedback for weights
+    learnt from reviews). config.ensemble_fusion "robust" puts each member's scores in robust
+    z-units of its training scores (median, MAD); "rank" uses each score's empirical quantile among
+    the member's training scores (extended linearly, in robust units, above the training maximum).
+    A member that fails to fit or to score is left out with its reason in excluded_; the ensemble
+    fails only when every member does.
     """
 
     family = "ensemble"
     uses_temporal = True
     MEMBERS = ("hybrid", "robust_z", "lof")
-    hyperparameters = {"contamination": {"default": 0.03, "min": 0.001, "max": 0.5}}
+    hyperparameters = {"contamination": {"default": 0.03, "min": 0.001, "max": 0.5},
+                       "ensemble_fusion": {"default": "robust", "choices": ["robust", "rank"]}}
 
     def __init__(self, config: AnomalyDetectorConfig | None = None, *, members=None, weights=None, **kwargs):
         super().__init__(config, **kwargs)
         self.member_names = tuple(members or self.config.ensemble_members or self.MEMBERS)
-        self.member_weights = dict(weights or {})
-        unknown = [m for m in self.member_names if m not in DETECTORS or m == "ensemble"]
+        self.member_weights = dict(self.config.ensemble_weights)
+        self.member_weights.update(weights or {})
+        self._check_members(self.member_names)
+
+    @staticmethod
+    def _check_members(names) -> None:
+        unknown = [m for m in names if m not in DETECTORS or m in ("ensemble", "auto")]
         if unknown:
-            raise DetectorError(f"unknown ensemble member(s) {unknown}; known: {sorted(set(DETECTORS) - {'ensemble'})}")
+            known = sorted(set(DETECTORS) - {"ensemble", "auto"})
+            raise DetectorError(f"unknown ensemble member(s) {unknown}; known: {known}")
 
     def fit(self, X: pd.DataFrame, features: list[str], temporal_features: list[str] | None = None
             ) -> "EnsembleDetector":
         self.preflight(X, features)
         self.training_rows_ = len(X)
-        self.members_, self.excluded_ = {}, {}
+        self.members_, self.excluded_, self.fit_seconds_ = {}, {}, {}
         for name in self.member_names:
-            member = DETECTORS[name](self.config, feature_domain=self.feature_domain,
-                                     domain_weights=self.domain_weights)
+            started = time.perf_counter()
             try:
+                member = DETECTORS[name](self.config, feature_domain=self.feature_domain,
+                                         domain_weights=self.domain_weights)
                 if member.uses_temporal:
                     member.fit(X, features, temporal_features=temporal_features)
                 else:
                     member.fit(X, features)
             except Exception as exc:  # one failing detector never breaks the run
-                self.excluded_[name] = f"{type(exc).__name__}: {exc}"
+                self.excluded_[name] = f"fit: {type(exc).__name__}: {exc}"
                 continue
             self.members_[name] = member
+            self.fit_seconds_[name] = round(time.perf_counter() - started, 3)
         if not self.members_:
             raise DetectorError("every ensemble member failed: " + "; ".join(f"{k}: {v}" for k, v in self.excluded_.items()))
         first = next(iter(self.members_.values()))
         self.features_, self.dropped_ = first.features_, first.dropped_
         self.weights_, self.medians_, self.scaler_ = first.weights_, first.medians_, first.scaler_
         sample = self._threshold_rows(X)
-        self.scales_ = {name: _robust_center_scale(m.score_samples(sample)) for name, m in self.members_.items()}
-        self.threshold_ = float(np.quantile(self.score_samples(sample), 1 - self.config.contamination))
+        raw = self.component_scores(sample)
+        self.scales_ = {name: _robust_center_scale(s) for name, s in raw.items()}
+        self.reference_ = {name: np.sort(np.asarray(s, dtype="float64")) for name, s in raw.items()}
+        self.threshold_ = float(np.quantile(self._fuse(raw), 1 - self.config.contamination))
         return self
 
     def component_scores(self, X: pd.DataFrame) -> dict[str, np.ndarray]:
-        return {name: m.score_samples(X) for name, m in self.members_.items()}
+        """{member: raw scores} for the members that score; a member that raises is excluded (with
+        its reason in excluded_) from then on."""
+        out = {}
+        for name, member in list(self.members_.items()):
+            try:
+                scores = np.asarray(member.score_samples(X), dtype="float64")
+                if scores.shape != (len(X),):
+                    raise DetectorError(f"returned shape {scores.shape} for {len(X)} rows")
+            except Exception as exc:
+                if len(self.members_) == 1:
+                    raise
+                self.excluded_[name] = f"score: {type(exc).__name__}: {exc}"
+                del self.members_[name]
+                continue
+            out[name] = np.nan_to_num(scores, nan=0.0, posinf=1e12, neginf=-1e12)
+        return out
 
-    def score_samples(self, X: pd.DataFrame) -> np.ndarray:
-        total, weight_sum = 0.0, 0.0
-        for name, scores in self.component_scores(X).items():
+    def normalised_scores(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Each member's raw scores on the common scale of config.ensemble_fusion."""
+        out = {}
+        for name, scores in raw.items():
             center, scale = self.scales_[name]
+            if self.config.ensemble_fusion == "rank":
+                ref = self.reference_[name]
+                rank = np.searchsorted(ref, scores, side="right") / len(ref)
+                out[name] = rank + np.clip((scores - ref[-1]) / scale, 0, None)
+            else:
+                out[name] = (scores - center) / scale
+        return out
+
+    def _fuse(self, raw: dict[str, np.ndarray]) -> np.ndarray:
+        total, weight_sum = 0.0, 0.0
+        for name, scores in self.normalised_scores(raw).items():
             w = float(self.member_weights.get(name, 1.0))
-            total = total + w * (scores - center) / scale
+            total = total + w * scores
             weight_sum += w
+        if weight_sum <= 0:
+            raise DetectorError("every ensemble member weighs 0")
         return total / weight_sum
 
+    def score_samples(self, X: pd.DataFrame) -> np.ndarray:
+        return self._fuse(self.component_scores(X))
+
+    def votes(self, X: pd.DataFrame) -> dict[str, np.ndarray]:
+        """{member: bool per row}: whether the member's own threshold flags the row."""
+        return {name: scores > self.members_[name].threshold_ for name, scores in self.component_scores(X).items()
+                if name in self.members_}
+
     def confidence(self, X: pd.DataFrame) -> np.ndarray:
-        """Share of members (0..1) whose own threshold flags each row."""
-        votes = [m.score_samples(X) > m.threshold_ for m in self.members_.values()]
-        return np.mean(votes, axis=0)
+        """Agreement between members, 0..1 per row: the weighted share of members whose own
+        threshold flags the row."""
+        votes = self.votes(X)
+        w = np.array([float(self.member_weights.get(n, 1.0)) for n in votes])
+        return (np.array(list(votes.values()), dtype="float64") * w[:, None]).sum(axis=0) / max(w.sum(), 1e-12)
 
     def params(self) -> dict:
-        return {**super().params(), "members": ",".join(self.members_), "excluded": str(self.excluded_)}
+        return {**super().params(), "members": ",".join(self.members_), "excluded": dict(self.excluded_),
+                "member_weights": {n: float(self.member_weights.get(n, 1.0)) for n in self.members_},
+                "fusion": self.config.ensemble_fusion}
+
+
+def weights_from_feedback(feedback: pd.DataFrame, members, priors: dict[str, float] | None = None, *,
+                          prior_strength: float = 4.0, prior_precision: float = 0.5) -> dict[str, float]:
+    """Ensemble weights from reviewed anomalies: each member's precision on the reviews, shrunk
+    towards its prior (a Beta(prior_precision * k, (1 - prior_precision) * k) prior, k =
+    prior_strength, so a handful of reviews moves the weight a little and many move it a lot).
+
+    feedback: rows x (verdict, <member> for each member): verdict is "true_positive",
+        "false_positive" or "not_sure" (detection.AnomalyFeedback's verdicts; not_sure is ignored);
+        each member column says (bool) whether that member's own threshold flagged the reviewed row.
+    priors: {member: prior weight} (default 1 each). Without reviews the priors come back unchanged.
+    Returns {member: weight} = prior * posterior precision / prior_precision.
+    Raises DetectorError when the verdict column or a member column is missing.
+    """
+    priors = {m: float((priors or {}).get(m, 1.0)) for m in members}
+    if feedback is None or len(feedback) == 0:
+        return priors
+    missing = [c for c in ["verdict", *members] if c not in feedback.columns]
+    if missing:
+        raise DetectorError(f"feedback lacks column(s): {', '.join(missing)}")
+    reviewed = feedback[feedback["verdict"].isin(["true_positive", "false_positive"])]
+    true = (reviewed["verdict"] == "true_positive").to_numpy()
+    weights = {}
+    for m in members:
+        flagged = reviewed[m].astype(bool).to_numpy()
+        tp, n = float((flagged & true).sum()), float(flagged.sum())
+        precision = (tp + prior_precision * prior_strength) / (n + prior_strength)
+        weights[m] = priors[m] * precision / prior_precision
+    return weights
+
+
+# --- automatic selection ------------------------------------------------------------------------
+
+def data_characteristics(X: pd.DataFrame, features: list[str], *, max_lag: int = 300) -> dict:
+    """What the selection reads, from rows x features (time order): rows, features, multivariate
+    (more than one feature), missing_share (NaN or inf among all cells, 0..1) and
+    seasonality_strength (the largest autocorrelation at a lag in [2, max_lag] of the first
+    non-constant feature, statsmodels acf; 0 when too short). Raises DetectorError when no feature
+    column is present."""
+    cols = [f for f in features if f in X.columns]
+    if not cols:
+        raise DetectorError("none of the feature columns is in the frame")
+    raw = X[cols].to_numpy(dtype="float64")
+    finite = np.isfinite(raw)
+    strength = 0.0
+    for j in range(raw.shape[1]):
+        x = raw[finite[:, j], j]
+        if len(x) >= 20 and np.std(x) > 0:
+            from .statistical import _dominant_period
+
+            strength = _dominant_period(x, min(max_lag, len(x) // 2))[1]
+            break
+    return {"rows": int(len(X)), "features": len(cols), "multivariate": len(cols) > 1,
+            "missing_share": round(float(1 - finite.mean()), 4) if raw.size else 0.0,
+            "seasonality_strength": round(float(strength), 3)}
+
+
+def select_detectors(traits: dict) -> tuple[tuple[str, ...], str]:
+    """(ensemble members, reason) for data_characteristics(...) `traits`; the rules follow what the
+    benchmarks measured (README "Measured figures"): robust per-feature detectors everywhere,
+    sequential ones when the series is long and complete enough, STL when it is seasonal, the
+    multivariate ones on several features with enough rows."""
+    members, why = ["robust_z", "iqr"], ["robust per-feature scores always"]
+    if traits["rows"] < 200:
+        return ("robust_z", "iqr", "grubbs"), f"only {traits['rows']} rows: simple statistical tests only"
+    if traits["missing_share"] > 0.2:
+        why.append(f"{traits['missing_share']:.0%} missing: no sequential models (imputed gaps look like steps)")
+    else:
+        members.append("windowed_gaussian")
+        why.append("complete enough for a sequential model")
+        if traits["seasonality_strength"] >= 0.5:
+            members.append("stl_residual")
+            why.append(f"seasonal (autocorrelation {traits['seasonality_strength']:.2f})")
+    if traits["multivariate"] and traits["rows"] >= 1000:
+        members.append("lof")
+        why.append(f"{traits['features']} features and {traits['rows']} rows: a multivariate density model")
+    return tuple(members), "; ".join(why)
+
+
+@register_detector("auto")
+class AutoDetector(EnsembleDetector):
+    """An ensemble whose members are chosen from the training data's characteristics
+    (select_detectors); the traits, the choice and the reason are in params() (and so on the
+    model version)."""
+
+    family = "ensemble"
+
+    def fit(self, X: pd.DataFrame, features: list[str], temporal_features: list[str] | None = None
+            ) -> "AutoDetector":
+        self.preflight(X, features)
+        self.traits_ = data_characteristics(X, features)
+        members, self.reason_ = select_detectors(self.traits_)
+        self.member_names = members
+        return super().fit(X, features, temporal_features=temporal_features)
+
+    def params(self) -> dict:
+        # Flat scalars too: the model version's params JSON keeps scalars as they are (services._jsonable).
+        return {**super().params(), "selection": {"characteristics": self.traits_, "members": list(self.member_names),
+                                                  "reason": self.reason_},
+                "selected_members": ",".join(self.member_names), "selection_reason": self.reason_,
+                **{f"data_{k}": v for k, v in self.traits_.items()}}
+
+
+# --- hyperparameter tuning ----------------------------------------------------------------------
+
+@dataclass
+class TuningResult:
+    """best: the parameters with the highest mean F1; trials: [{params, f1 (mean), folds [F1...]}]."""
+
+    detector: str
+    best: dict
+    best_f1: float
+    trials: list[dict]
+
+
+def tune_hyperparameters(name: str, X: pd.DataFrame, features: list[str], labels, grid: dict[str, list], *,
+                         n_splits: int = 3, config: AnomalyDetectorConfig | None = None) -> TuningResult:
+    """Grid search with time-series cross-validation (scikit-learn TimeSeriesSplit: each fold trains
+    on earlier rows and is scored on the next block, never the other way round).
+
+    X: rows x features in time order; labels: 1 = anomaly, 0 = normal, one per row. Each fold trains
+    on the normal rows of its training block, predicts with the detector's own threshold and is
+    scored by F1 on the test block. grid: {parameter: [values]}; AnomalyDetectorConfig fields go
+    into the config, other names to the detector's constructor. Raises DetectorError for an unknown
+    detector, mismatched labels, an empty grid or too few rows for n_splits.
+    """
+    from itertools import product
+
+    from sklearn.metrics import f1_score
+    from sklearn.model_selection import TimeSeriesSplit
+
+    if name not in DETECTORS:
+        raise DetectorError(f"unknown detector {name!r}")
+    y = np.asarray(labels).astype(int)
+    if len(y) != len(X):
+        raise DetectorError(f"labels has {len(y)} entries for {len(X)} rows")
+    if not grid:
+        raise DetectorError("the grid is empty")
+    base = config or AnomalyDetectorConfig()
+    keys = list(grid)
+    trials = []
+    for values in product(*(grid[k] for k in keys)):
+        params = dict(zip(keys, values))
+        cfg = {k: v for k, v in params.items() if k in AnomalyDetectorConfig.__dataclass_fields__}
+        kwargs = {k: v for k, v in params.items() if k not in cfg}
+        folds = []
+        for train, test in TimeSeriesSplit(n_splits=n_splits).split(X):
+            normal = train[y[train] == 0]
+            rows = X.iloc[normal if len(normal) >= base.min_training_rows else train]
+            detector = DETECTORS[name](replace(base, **cfg), **kwargs)
+            detector.fit(rows, features)
+            predicted = detector.score_samples(X.iloc[test]) > detector.threshold_
+            folds.append(float(f1_score(y[test], predicted, zero_division=0)))
+        trials.append({"params": params, "f1": float(np.mean(folds)), "folds": folds})
+    best = max(trials, key=lambda t: t["f1"])
+    return TuningResult(name, best["params"], best["f1"], trials)
+
+
+# Registers the statistical, forecast, kernel and deep detectors (they subclass _MatrixDetector).
+from . import deep, statistical  # noqa: E402,F401

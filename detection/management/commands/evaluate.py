@@ -1,5 +1,5 @@
 """python manage.py evaluate {nab,skab,cmapss} PATH [--detector NAME|all] [--json FILE]
-[--results-dir DIR] [--predictions-dir DIR] [--calibration rank|none] [--degraded-cycles N]
+[--results-dir DIR] [--predictions-dir DIR] [--calibration rank_suppress|rank|none] [--degraded-cycles N]
 [--train-cycles K] [--keep]"""
 import json
 import math
@@ -41,7 +41,8 @@ class Command(BaseCommand):
         parser.add_argument("--predictions-dir", help="skab, cmapss: write one CSV of decisions per file/engine "
                                                       "here (in DIR/<detector>/ with --detector all)")
         parser.add_argument("--calibration", choices=NAB_CALIBRATIONS,
-                            help="nab: 'rank' (default) turns each score into its rank among the file's earlier "
+                            help="nab: 'rank_suppress' (default): 'rank', then only new highs of the recent "
+                                 "rows count; 'rank' turns each score into its rank among the file's earlier "
                                  "scores; 'none' sweeps the raw scores")
         parser.add_argument("--degraded-cycles", type=int,
                             help="cmapss: the last N cycles of each engine are anomalous (default 30)")
@@ -54,21 +55,31 @@ class Command(BaseCommand):
         self._check_options(dataset, opts)
         everything = opts["detector"] == "all"
         detectors = sorted(DETECTORS) if everything else [opts["detector"]]
-        results = {}
+        results, failed = {}, {}
         for detector in detectors:
             try:
                 results[detector] = self._evaluate(dataset, detector, opts, everything)
-            except (EvaluationError, IngestError) as exc:
+            except IngestError as exc:
                 raise CommandError(str(exc)) from None
+            except EvaluationError as exc:
+                if not everything:
+                    raise CommandError(str(exc)) from None
+                # One failing detector never breaks the table: it gets a row with its reason.
+                failed[detector] = str(exc)
+                self.stdout.write(self.style.WARNING(f"  {detector}: failed: {exc}"))
+                continue
             if everything:
                 self.stdout.write(f"  {detector}: done in {results[detector].seconds:.1f}s")
+        if everything and not results:
+            raise CommandError("every detector failed: " + "; ".join(f"{d}: {e}" for d, e in failed.items()))
         if everything:
-            self._table(dataset, results)
+            self._table(dataset, results, failed)
         else:
             (result,) = results.values()
             getattr(self, f"_report_{dataset}")(result)
         if opts["json_path"]:
-            payload = ({"dataset": dataset, "detectors": {d: r.as_dict() for d, r in results.items()}}
+            payload = ({"dataset": dataset, "detectors": {d: r.as_dict() for d, r in results.items()},
+                        "failed": failed}
                        if everything else next(iter(results.values())).as_dict())
             with open(opts["json_path"], "w") as fh:
                 json.dump(payload, fh, indent=2, default=str)
@@ -97,7 +108,7 @@ class Command(BaseCommand):
         if dataset == "nab":
             return evaluate_nab(path=opts["path"], results_dir=opts["results_dir"], keep=opts["keep"], config=config,
                                 progress=self._file_progress if opts["verbosity"] >= 2 else None,
-                                calibration=opts["calibration"] or "rank")
+                                calibration=opts["calibration"] or "rank_suppress")
         progress = None if everything else self._stage_progress
         if dataset == "skab":
             return evaluate_skab(path=opts["path"], predictions_dir=predictions, keep=opts["keep"], config=config,
@@ -158,7 +169,7 @@ class Command(BaseCommand):
         for warning in result.warnings:
             self.stdout.write(self.style.WARNING(f"warning: {warning}"))
 
-    def _table(self, dataset: str, results: dict):
+    def _table(self, dataset: str, results: dict, failed: dict | None = None):
         first = next(iter(results.values()))
         columns = {
             "nab": [(SHORT_PROFILE.get(n, n[:9]), 9, lambda r, n=n: f"{r.profiles[n].score:.2f}")
@@ -177,6 +188,8 @@ class Command(BaseCommand):
         for detector, result in results.items():
             self.stdout.write(self.style.SUCCESS(f"{detector:<20}" + "".join(f"{get(result):>{w}}"
                                                                               for _, w, get in columns)))
+        for detector, reason in (failed or {}).items():
+            self.stdout.write(self.style.ERROR(f"{detector:<20} failed: {reason}"))
 
 
 def _cycles(value) -> str:

@@ -1,0 +1,370 @@
+"""Alerts: dedup and cohort aggregation, rate-limit budget and digests, false-positive suppression,
+webhook signature, retries and dead letter against a local HTTP server, email routing, reviewer actions."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+from django.core import mail
+from django.utils import timezone
+
+from alerts import notifiers, services
+from alerts.choices import AlertScope, AlertStatus, DeliveryKind, DeliveryStatus
+from alerts.models import Alert, AlertDelivery, AlertRule
+from detection.choices import Label, Severity, Verdict
+from detection.models import AuditEvent
+from detection.services import feedback_give
+from tests.factories import (
+    AnomalyResultFactory,
+    DeviceFactory,
+    FleetFactory,
+    ModelVersionFactory,
+    PipelineRunFactory,
+    user_with_role,
+)
+
+pytestmark = pytest.mark.django_db
+T0 = dt.datetime(2024, 3, 1, tzinfo=dt.UTC)
+
+
+def metrics(domain: str) -> list[dict]:
+    return [{"metric": f"{domain}_x", "domain": domain, "value": 1.0, "typical": 0.0, "z": 5.0}]
+
+
+@pytest.fixture(autouse=True)
+def _commit_hooks_run(monkeypatch, django_capture_on_commit_callbacks):
+    """Tests run inside a transaction; run what ingest and digests queue for after commit at once."""
+    for name in ("alerts_ingest", "digests_send"):
+        original = getattr(services, name)
+
+        def run_and_commit(*args, _original=original, **kwargs):
+            with django_capture_on_commit_callbacks(execute=True):
+                return _original(*args, **kwargs)
+        monkeypatch.setattr(services, name, run_and_commit)
+
+
+@pytest.fixture
+def world():
+    """A fleet with one run/model and factories for anomalies at chosen minutes."""
+    fleet = FleetFactory(name="shops")
+    model = ModelVersionFactory(fleet=fleet)
+    run = PipelineRunFactory(fleet=fleet, model_version=model)
+
+    def anomaly(device, minute: int, domain: str = "battery", severity: str = Severity.HIGH, **kw):
+        return AnomalyResultFactory(run=run, model_version=model, device=device,
+                                    timestamp=T0 + dt.timedelta(minutes=minute), severity=severity,
+                                    top_metrics=metrics(domain), **kw)
+    return fleet, anomaly
+
+
+def test_anomalies_of_one_device_and_domain_within_window_join_one_alert(world, settings):
+    settings.VIGIL_ALERTS = {**settings.VIGIL_ALERTS, "dedup_window_minutes": 60}
+    fleet, anomaly = world
+    device = DeviceFactory(fleet=fleet)
+    first = services.alerts_ingest(anomalies=[anomaly(device, 0), anomaly(device, 30)])
+    assert len(first) == 1 and first[0].count == 2
+    again = services.alerts_ingest(anomalies=[anomaly(device, 80)])  # 50 min after last_seen: joins
+    assert [a.pk for a in again] == [first[0].pk]
+    later = services.alerts_ingest(anomalies=[anomaly(device, 200)])  # 120 min later: a new alert
+    assert later[0].pk != first[0].pk
+    other_domain = services.alerts_ingest(anomalies=[anomaly(device, 201, domain="thermal")])
+    assert other_domain[0].pk not in {first[0].pk, later[0].pk}
+    alert = Alert.objects.get(pk=first[0].pk)
+    assert (alert.count, alert.first_seen, alert.last_seen) == (3, T0, T0 + dt.timedelta(minutes=80))
+    assert alert.scope == AlertScope.DEVICE and alert.domain == "battery"
+
+
+def test_ingest_is_idempotent_and_skips_rescored_moments(world):
+    fleet, anomaly = world
+    device = DeviceFactory(fleet=fleet)
+    a = anomaly(device, 0)
+    services.alerts_ingest(anomalies=[a])
+    assert services.alerts_ingest(anomalies=[a]) == []
+    # the same (device, timestamp) scored again by a later run is not news
+    rerun = PipelineRunFactory(fleet=fleet)
+    again = AnomalyResultFactory(run=rerun, model_version=a.model_version, device=device, timestamp=a.timestamp,
+                                 top_metrics=metrics("battery"))
+    assert services.alerts_ingest(anomalies=[again]) == []
+    assert Alert.objects.get().count == 1
+
+
+def test_normal_results_never_make_alerts(world):
+    fleet, anomaly = world
+    normal = anomaly(DeviceFactory(fleet=fleet), 0, label=Label.NORMAL)
+    assert services.alerts_ingest(anomalies=[normal]) == []
+
+
+def test_many_devices_of_one_cohort_become_one_cohort_alert(world, settings):
+    settings.VIGIL_ALERTS = {**settings.VIGIL_ALERTS, "cohort_min_devices": 5}
+    fleet, anomaly = world
+    s21 = [DeviceFactory(fleet=fleet, manufacturer="Samsung", model="Galaxy S21", os_version="Android 14",
+                         store=f"store-{i % 5}") for i in range(32)]
+    zebra = DeviceFactory(fleet=fleet)  # another cohort, alone: its own device alert
+    alerts = services.alerts_ingest(anomalies=[anomaly(d, i % 20) for i, d in enumerate(s21)] + [anomaly(zebra, 3)])
+    cohort = [a for a in alerts if a.scope == AlertScope.COHORT]
+    assert len(alerts) == 2 and len(cohort) == 1
+    assert cohort[0].title == "32 Samsung Galaxy S21 devices on Android 14 in 5 stores"
+    assert (cohort[0].count, cohort[0].device_count, cohort[0].store_count) == (32, 32, 5)
+    # a straggler of the same cohort later in the window joins the cohort alert
+    straggler = services.alerts_ingest(anomalies=[anomaly(s21[0], 90)])
+    assert [a.pk for a in straggler] == [cohort[0].pk]
+
+
+def test_few_devices_of_a_cohort_stay_device_alerts(world, settings):
+    settings.VIGIL_ALERTS = {**settings.VIGIL_ALERTS, "cohort_min_devices": 5}
+    fleet, anomaly = world
+    devices = DeviceFactory.create_batch(4, fleet=fleet)
+    alerts = services.alerts_ingest(anomalies=[anomaly(d, 0) for d in devices])
+    assert len(alerts) == 4 and {a.scope for a in alerts} == {AlertScope.DEVICE}
+
+
+# --- routing, budget, digest -------------------------------------------------------------------------
+
+def email_rule(fleet, **kw) -> AlertRule:
+    kw = {"name": "ops", "min_severity": Severity.HIGH, **kw}
+    return AlertRule.objects.create(fleet=fleet, email_to="ops@example.com", **kw)
+
+
+def test_email_routing_by_severity(world):
+    fleet, anomaly = world
+    email_rule(fleet)
+    services.alerts_ingest(anomalies=[anomaly(DeviceFactory(fleet=fleet), 0, severity=Severity.MEDIUM)])
+    assert mail.outbox == []  # below the rule's minimum severity
+    services.alerts_ingest(anomalies=[anomaly(DeviceFactory(fleet=fleet, external_id="scan-7"), 0,
+                                              severity=Severity.CRITICAL)])
+    assert len(mail.outbox) == 1
+    assert mail.outbox[0].to == ["ops@example.com"]
+    assert "CRITICAL" in mail.outbox[0].subject and "scan-7" in mail.outbox[0].subject
+    assert AlertDelivery.objects.get().status == DeliveryStatus.SENT
+
+
+def test_rule_scope_filters_cohort_and_store(world):
+    fleet, anomaly = world
+    email_rule(fleet, model="TC57")
+    email_rule(fleet, name="store-9", store="store-9")
+    services.alerts_ingest(anomalies=[anomaly(DeviceFactory(fleet=fleet, model="TC52", store="store-1"), 0)])
+    assert mail.outbox == []
+    services.alerts_ingest(anomalies=[anomaly(DeviceFactory(fleet=fleet, model="TC57", store="store-9"), 0)])
+    assert len(mail.outbox) == 2
+
+
+def test_budget_spent_holds_alerts_for_one_digest(world):
+    fleet, anomaly = world
+    rule = email_rule(fleet, budget=2, budget_window_minutes=60)
+    for i in range(5):
+        services.alerts_ingest(anomalies=[anomaly(DeviceFactory(fleet=fleet), i)])
+    assert len(mail.outbox) == 2
+    held = AlertDelivery.objects.filter(rule=rule, status=DeliveryStatus.HELD)
+    assert held.count() == 3
+    digests = services.digests_send()
+    assert len(digests) == 1 and digests[0].alerts.count() == 3
+    assert len(mail.outbox) == 3 and mail.outbox[-1].subject == "[Vigil] 3 alerts on shops"
+    assert not AlertDelivery.objects.filter(status=DeliveryStatus.HELD).exists()
+    assert services.digests_send() == []  # nothing twice
+
+
+def test_budget_frees_up_after_the_window(world):
+    fleet, anomaly = world
+    rule = email_rule(fleet, budget=1, budget_window_minutes=60)
+    services.alerts_ingest(anomalies=[anomaly(DeviceFactory(fleet=fleet), 0)])
+    AlertDelivery.objects.filter(rule=rule).update(created_at=timezone.now() - dt.timedelta(minutes=61))
+    services.alerts_ingest(anomalies=[anomaly(DeviceFactory(fleet=fleet), 0)])
+    assert len(mail.outbox) == 2
+
+
+def test_quiet_hours_hold_then_digest_after(world):
+    fleet, anomaly = world
+    now = timezone.now()
+    start = (now - dt.timedelta(hours=1)).time()
+    end = (now + dt.timedelta(hours=1)).time()
+    rule = email_rule(fleet, quiet_start=start, quiet_end=end)
+    services.alerts_ingest(anomalies=[anomaly(DeviceFactory(fleet=fleet), 0)])
+    assert mail.outbox == [] and AlertDelivery.objects.get().status == DeliveryStatus.HELD
+    assert services.digests_send(now=now) == []  # still quiet
+    assert len(services.digests_send(now=now + dt.timedelta(hours=2))) == 1
+    assert rule.in_quiet_hours(now) and not rule.in_quiet_hours(now + dt.timedelta(hours=2))
+
+
+# --- false positives ------------------------------------------------------------------------------------
+
+def test_false_positive_verdicts_suppress_the_alert_and_later_anomalies_stay_quiet(world, django_capture_on_commit_callbacks):
+    fleet, anomaly = world
+    email_rule(fleet)
+    device = DeviceFactory(fleet=fleet)
+    a1, a2 = anomaly(device, 0), anomaly(device, 10)
+    alert = services.alerts_ingest(anomalies=[a1, a2])[0]
+    assert len(mail.outbox) == 1
+    reviewer = user_with_role("rita", "reviewer")
+    with django_capture_on_commit_callbacks(execute=True):
+        feedback_give(anomaly=a1, user=reviewer, verdict=Verdict.FALSE_POSITIVE)
+    alert.refresh_from_db()
+    assert alert.status == AlertStatus.SUPPRESSED
+    assert AuditEvent.objects.filter(action="alert_suppressed", target_id=str(alert.pk)).exists()
+    grown = services.alerts_ingest(anomalies=[anomaly(device, 20)])
+    assert [a.pk for a in grown] == [alert.pk] and grown[0].status == AlertStatus.SUPPRESSED
+    assert len(mail.outbox) == 1  # nothing more sent
+
+
+def test_a_confirmed_anomaly_reopens_a_suppressed_alert(world, django_capture_on_commit_callbacks):
+    fleet, anomaly = world
+    a1 = anomaly(DeviceFactory(fleet=fleet), 0)
+    alert = services.alerts_ingest(anomalies=[a1])[0]
+    with django_capture_on_commit_callbacks(execute=True):
+        feedback_give(anomaly=a1, user=user_with_role("x", "reviewer"), verdict=Verdict.FALSE_POSITIVE)
+    alert.refresh_from_db()
+    assert alert.status == AlertStatus.SUPPRESSED
+    with django_capture_on_commit_callbacks(execute=True):
+        feedback_give(anomaly=a1, user=user_with_role("y", "reviewer"), verdict=Verdict.TRUE_POSITIVE)
+    alert.refresh_from_db()
+    assert alert.status == AlertStatus.OPEN
+    assert AuditEvent.objects.filter(action="alert_reopened", target_id=str(alert.pk)).exists()
+
+
+def test_a_true_positive_keeps_the_alert_open(world, django_capture_on_commit_callbacks):
+    fleet, anomaly = world
+    device = DeviceFactory(fleet=fleet)
+    a1, a2 = anomaly(device, 0), anomaly(device, 10)
+    alert = services.alerts_ingest(anomalies=[a1, a2])[0]
+    with django_capture_on_commit_callbacks(execute=True):
+        feedback_give(anomaly=a1, user=user_with_role("tom", "reviewer"), verdict=Verdict.TRUE_POSITIVE)
+        feedback_give(anomaly=a2, user=user_with_role("fay", "reviewer"), verdict=Verdict.FALSE_POSITIVE)
+    alert.refresh_from_db()
+    assert alert.status == AlertStatus.OPEN
+
+
+# --- webhooks -------------------------------------------------------------------------------------------
+
+class _Receiver(BaseHTTPRequestHandler):
+    answers: list[int] = []
+    seen: list[tuple[dict, bytes]] = []
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).seen.append((dict(self.headers), body))
+        code = type(self).answers.pop(0) if type(self).answers else 200
+        self.send_response(code)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def receiver():
+    _Receiver.answers, _Receiver.seen = [], []
+    server = HTTPServer(("127.0.0.1", 0), _Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server, _Receiver
+    server.shutdown()
+    server.server_close()
+
+
+def webhook_rule(fleet, server) -> AlertRule:
+    return AlertRule.objects.create(fleet=fleet, name="hook", min_severity=Severity.LOW, webhook_secret="s3cret",
+                                    webhook_url=f"http://127.0.0.1:{server.server_address[1]}/vigil")
+
+
+def test_webhook_is_signed_json(world, receiver):
+    fleet, anomaly = world
+    server, handler = receiver
+    webhook_rule(fleet, server)
+    alert = services.alerts_ingest(anomalies=[anomaly(DeviceFactory(fleet=fleet, external_id="dev-x"), 0)])[0]
+    headers, body = handler.seen[0]
+    assert json.loads(body)["alert"]["id"] == alert.pk and json.loads(body)["alert"]["device"] == "dev-x"
+    timestamp, signature = headers["X-Vigil-Timestamp"], headers["X-Vigil-Signature"]
+    assert notifiers.verify_signature("s3cret", timestamp, body, signature)
+    assert not notifiers.verify_signature("wrong", timestamp, body, signature)
+    assert not notifiers.verify_signature("s3cret", timestamp, body + b" ", signature)
+    assert not notifiers.verify_signature("s3cret", str(int(timestamp) - 3600), body, signature)
+
+
+def test_webhook_retries_then_succeeds(world, receiver):
+    fleet, anomaly = world
+    server, handler = receiver
+    handler.answers = [500, 503]
+    webhook_rule(fleet, server)
+    services.alerts_ingest(anomalies=[anomaly(DeviceFactory(fleet=fleet), 0)])
+    delivery = AlertDelivery.objects.get()
+    assert (delivery.status, delivery.attempts, len(handler.seen)) == (DeliveryStatus.SENT, 3, 3)
+
+
+def test_webhook_dead_letter_after_max_attempts(world, receiver, settings):
+    settings.VIGIL_ALERTS = {**settings.VIGIL_ALERTS, "max_attempts": 3}
+    fleet, anomaly = world
+    server, handler = receiver
+    handler.answers = [500] * 10
+    webhook_rule(fleet, server)
+    services.alerts_ingest(anomalies=[anomaly(DeviceFactory(fleet=fleet), 0)])
+    delivery = AlertDelivery.objects.get()
+    assert (delivery.status, delivery.attempts, delivery.response_status) == (DeliveryStatus.DEAD, 3, 500)
+    assert "500" in delivery.last_error and len(handler.seen) == 3
+
+
+def test_unreachable_webhook_is_recorded(world, settings):
+    settings.VIGIL_ALERTS = {**settings.VIGIL_ALERTS, "max_attempts": 1, "webhook_timeout": 1.0}
+    fleet, anomaly = world
+    AlertRule.objects.create(fleet=fleet, name="gone", webhook_url="http://127.0.0.1:9/nothing", webhook_secret="x")
+    services.alerts_ingest(anomalies=[anomaly(DeviceFactory(fleet=fleet), 0)])
+    delivery = AlertDelivery.objects.get()
+    assert delivery.status == DeliveryStatus.DEAD and "unreachable" in delivery.last_error
+
+
+def test_digest_webhook_lists_alerts(world, receiver):
+    fleet, anomaly = world
+    server, handler = receiver
+    rule = webhook_rule(fleet, server)
+    rule.budget = 1
+    rule.save()
+    for _ in range(3):
+        services.alerts_ingest(anomalies=[anomaly(DeviceFactory(fleet=fleet), 0)])
+    services.digests_send()
+    body = json.loads(handler.seen[-1][1])
+    assert body["kind"] == "digest" and body["count"] == 2
+    assert AlertDelivery.objects.filter(kind=DeliveryKind.DIGEST, status=DeliveryStatus.SENT).count() == 1
+
+
+# --- reviewer actions -----------------------------------------------------------------------------------
+
+def test_acknowledge_resolve_snooze_are_audited_and_checked(world):
+    fleet, anomaly = world
+    alert = services.alerts_ingest(anomalies=[anomaly(DeviceFactory(fleet=fleet), 0)])[0]
+    user = user_with_role("rev", "reviewer")
+    alert = services.alert_acknowledge(alert=alert, user=user)
+    assert (alert.status, alert.acknowledged_by) == (AlertStatus.ACKNOWLEDGED, user)
+    with pytest.raises(services.AlertActionError, match="status"):
+        services.alert_acknowledge(alert=alert, user=user)
+    with pytest.raises(services.AlertActionError, match="minutes"):
+        services.alert_snooze(alert=alert, user=user, minutes=0)
+    alert = services.alert_snooze(alert=alert, user=user, minutes=60)
+    assert alert.snoozed_now
+    alert = services.alert_resolve(alert=alert, user=user, reason="battery swapped")
+    assert alert.status == AlertStatus.RESOLVED
+    actions = list(AuditEvent.objects.filter(target_id=str(alert.pk)).values_list("action", flat=True))
+    assert sorted(actions) == ["alert_acknowledged", "alert_resolved", "alert_snoozed"]
+    assert [e.kind for e in alert.events.all()] == ["opened", "acknowledged", "snoozed", "resolved"]
+
+
+def test_snoozed_alert_is_not_routed_on_escalation(world):
+    fleet, anomaly = world
+    email_rule(fleet, min_severity=Severity.LOW)
+    device = DeviceFactory(fleet=fleet)
+    alert = services.alerts_ingest(anomalies=[anomaly(device, 0, severity=Severity.LOW)])[0]
+    assert len(mail.outbox) == 1
+    services.alert_snooze(alert=alert, user=user_with_role("s", "reviewer"), minutes=120)
+    services.alerts_ingest(anomalies=[anomaly(device, 5, severity=Severity.CRITICAL)])
+    alert.refresh_from_db()
+    assert alert.severity == Severity.CRITICAL and len(mail.outbox) == 1
+
+
+def test_escalation_routes_again(world):
+    fleet, anomaly = world
+    email_rule(fleet, min_severity=Severity.HIGH)
+    device = DeviceFactory(fleet=fleet)
+    services.alerts_ingest(anomalies=[anomaly(device, 0, severity=Severity.LOW)])
+    assert mail.outbox == []
+    services.alerts_ingest(anomalies=[anomaly(device, 5, severity=Severity.CRITICAL)])
+    assert len(mail.outbox) == 1 and "escalated" in [e.kind for e in Alert.objects.get().events.all()]
