@@ -72,3 +72,16 @@ def test_feature_kind_names_what_each_engineered_column_measures():
     assert feature_kind("cpu_pct", "cpu_pct") == "value"
     assert feature_kind("cpu_pct_delta", "cpu_pct") == "day-over-day change"
     assert feature_kind("cpu_pct_cohort_norm", "cpu_pct") == "vs cohort, same hour"
+
+
+def test_rolling_features_stay_with_their_metric_when_metrics_are_not_in_name_order():
+    # pandas' grouped rolling sorts its result columns by name; each metric must still get its own
+    # rolling mean and std (a fleet's schema order is rarely alphabetical).
+    df = _frame(n=24)
+    df = df.rename(columns={"cpu": "zeta"})
+    df["alpha"] = 1000.0 + np.arange(len(df)) % 24
+    ff = build_features(df, ["zeta", "alpha"], FeatureConfig(rolling_window="3h"))
+    f = ff.frame[ff.frame.device_id == 1].reset_index(drop=True)
+    assert f["zeta_roll_mean"].iloc[5] == pytest.approx(np.mean([103, 104, 105]))
+    assert f["alpha_roll_mean"].iloc[5] == pytest.approx(np.mean([1003, 1004, 1005]))
+    assert f["zeta_roll_std"].iloc[5] == pytest.approx(np.std([103, 104, 105], ddof=1))

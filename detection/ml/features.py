@@ -84,8 +84,10 @@ def build_features(df: pd.DataFrame, metrics: list[str], config: FeatureConfig |
     rolling = df[["device_id", "timestamp"]].join(values).groupby("device_id", sort=False).rolling(
         config.rolling_window, on="timestamp", min_periods=1
     )
-    roll_mean = rolling[metrics].mean().to_numpy()
-    roll_std = rolling[metrics].std().to_numpy()
+    # Select the metrics again by name: pandas' grouped rolling returns its columns sorted by name, not
+    # in the order asked, and the arrays below are read by position.
+    roll_mean = rolling[metrics].mean()[metrics].to_numpy()
+    roll_std = rolling[metrics].std()[metrics].to_numpy()
 
     first_of_device = np.r_[True, df["device_id"].to_numpy()[1:] != df["device_id"].to_numpy()[:-1]]
     prev_mean = np.vstack([np.full((1, len(metrics)), np.nan), roll_mean[:-1]])
