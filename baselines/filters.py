@@ -8,23 +8,14 @@ import django_filters
 from django import forms
 
 from detection.choices import AuditAction
+from detection.filters import ActiveFilterMixin
 from detection.models import AuditEvent, Fleet
 
 from .choices import ProposalKind, ProposalStatus
 from .models import BaselineProposal, BaselineStatistic
 
 
-class _ActiveMixin:
-    @property
-    def active(self) -> bool:
-        """Whether any valid filter is set (pages then say "nothing matches" instead of "nothing yet")."""
-        if not self.is_bound:
-            return False
-        self.form.is_valid()
-        return any(v not in (None, "") for v in self.form.cleaned_data.values())
-
-
-class BaselineStatisticFilterSet(_ActiveMixin, django_filters.FilterSet):
+class BaselineStatisticFilterSet(ActiveFilterMixin, django_filters.FilterSet):
     """Level and feature of one version's statistics; pass facets=selectors.baseline_facets(version=...)."""
 
     level = django_filters.ChoiceFilter(label="Level", empty_label="Every level")
@@ -41,7 +32,7 @@ class BaselineStatisticFilterSet(_ActiveMixin, django_filters.FilterSet):
         self.filters["feature"].extra["choices"] = [(v, v) for v in facets.get("feature", [])]
 
 
-class BaselineProposalFilterSet(_ActiveMixin, django_filters.FilterSet):
+class BaselineProposalFilterSet(ActiveFilterMixin, django_filters.FilterSet):
     """The proposal queue: fleet (by name), status, kind."""
 
     fleet = django_filters.ModelChoiceFilter(
@@ -67,7 +58,7 @@ def _action_choices(seen: list[str]) -> list[tuple[str, str]]:
     return sorted([*known.items(), *extra], key=lambda c: c[1])
 
 
-class AuditEventFilterSet(_ActiveMixin, django_filters.FilterSet):
+class AuditEventFilterSet(ActiveFilterMixin, django_filters.FilterSet):
     """The audit log: fleet name (kept after a fleet is deleted), action, actor (user name or system actor,
     contains, case-insensitive), and a date range in UTC days, both ends inclusive.
 

@@ -1,4 +1,4 @@
-"""The anomaly list's filters (django-filter). Invalid values are dropped by the form, never a 500."""
+"""The list pages' filters (django-filter). Invalid values are dropped by the form, never a 500."""
 from __future__ import annotations
 
 import django_filters
@@ -6,10 +6,22 @@ from django import forms
 from django.db.models import Exists, OuterRef, QuerySet
 
 from .choices import ReviewStatus, Severity
-from .models import AnomalyFeedback, AnomalyResult
+from .models import AnomalyFeedback, AnomalyResult, Device
 
 
-class AnomalyResultFilterSet(django_filters.FilterSet):
+class ActiveFilterMixin:
+    """For a FilterSet: `active` says whether any valid filter is set, so a page can say "nothing
+    matches" instead of "nothing yet"."""
+
+    @property
+    def active(self) -> bool:
+        if not self.is_bound:
+            return False
+        self.form.is_valid()
+        return any(v not in (None, "") for v in self.form.cleaned_data.values())
+
+
+class AnomalyResultFilterSet(ActiveFilterMixin, django_filters.FilterSet):
     """Filters for one fleet's anomalies; pass facets=selectors.device_facets(fleet=...) for the choices.
 
     cohort: "manufacturer|model|os_version"; review: open (no verdict), reviewed (any verdict),
@@ -53,10 +65,28 @@ class AnomalyResultFilterSet(django_filters.FilterSet):
             return queryset.filter(Exists(feedback))
         return queryset.filter(Exists(feedback.filter(verdict=value)))
 
-    @property
-    def active(self) -> bool:
-        """Whether any valid filter is set (the page then says "no anomalies match")."""
-        if not self.is_bound:
-            return False
-        self.form.is_valid()
-        return any(v not in (None, "") for v in self.form.cleaned_data.values())
+
+class DeviceFilterSet(ActiveFilterMixin, django_filters.FilterSet):
+    """Filters of the device list: cohort ("manufacturer|model|os_version"), store, customer, and q, a
+    case-insensitive search in the external id. Pass facets=selectors.device_facets(fleet=...)."""
+
+    q = django_filters.CharFilter(label="Search", field_name="external_id", lookup_expr="icontains")
+    cohort = django_filters.ChoiceFilter(label="Cohort", method="filter_cohort", empty_label="Any cohort")
+    store = django_filters.ChoiceFilter(label="Store", empty_label="Any store")
+    customer = django_filters.ChoiceFilter(label="Customer", empty_label="Any customer")
+
+    class Meta:
+        model = Device
+        fields: list[str] = []
+
+    def __init__(self, *args, facets: dict | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        facets = facets or {}
+        for name in ("cohort", "store", "customer"):
+            self.filters[name].extra["choices"] = facets.get(name, [])
+
+    def filter_cohort(self, queryset, name: str, value: str):
+        parts = value.split("|")
+        if len(parts) != 3:
+            return queryset
+        return queryset.filter(manufacturer=parts[0], model=parts[1], os_version=parts[2])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 
-import django_filters
 from django.conf import settings
 from django.core.paginator import Paginator
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
@@ -26,7 +25,7 @@ from django_htmx.middleware import HtmxDetails
 
 from . import selectors, services
 from .choices import Role, Trigger, Verdict
-from .filters import AnomalyResultFilterSet
+from .filters import AnomalyResultFilterSet, DeviceFilterSet
 from .models import Device, Fleet, ModelVersion
 from .permissions import role_required
 
@@ -287,39 +286,6 @@ def _feedback_json(request: HttpRequest, anomaly) -> JsonResponse:
 
 
 # --- devices ---------------------------------------------------------------------------------------
-
-class DeviceFilterSet(django_filters.FilterSet):
-    """Filters of the device list: cohort ("manufacturer|model|os_version"), store, customer, and q, a
-    case-insensitive search in the external id. Pass facets=selectors.device_facets(fleet=...)."""
-
-    q = django_filters.CharFilter(label="Search", field_name="external_id", lookup_expr="icontains")
-    cohort = django_filters.ChoiceFilter(label="Cohort", method="filter_cohort", empty_label="Any cohort")
-    store = django_filters.ChoiceFilter(label="Store", empty_label="Any store")
-    customer = django_filters.ChoiceFilter(label="Customer", empty_label="Any customer")
-
-    class Meta:
-        model = Device
-        fields: list[str] = []
-
-    def __init__(self, *args, facets: dict | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        facets = facets or {}
-        for name in ("cohort", "store", "customer"):
-            self.filters[name].extra["choices"] = facets.get(name, [])
-
-    def filter_cohort(self, queryset, name: str, value: str):
-        parts = value.split("|")
-        if len(parts) != 3:
-            return queryset
-        return queryset.filter(manufacturer=parts[0], model=parts[1], os_version=parts[2])
-
-    @property
-    def active(self) -> bool:
-        if not self.is_bound:
-            return False
-        self.form.is_valid()
-        return any(v not in (None, "") for v in self.form.cleaned_data.values())
-
 
 @role_required(Role.VIEWER)
 def device_list(request: HtmxHttpRequest, name: str) -> HttpResponse:
