@@ -188,7 +188,7 @@ if REDIS_URL:
         "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}
     }
 else:
-    CELERY_BROKER_URL = "memory://"
+    CELERY_BROKER_URL = "memory://localhost/"  # a host, or kombu warns "No hostname was supplied"
     CELERY_RESULT_BACKEND = "cache+memory://"
     CELERY_TASK_ALWAYS_EAGER = True
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
@@ -345,7 +345,10 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": envstr("VIGIL_LOG_LEVEL", "INFO")},
-    "loggers": {"django.db.backends": {"level": "WARNING"}, "daphne": {"level": "WARNING"}},
+    # celery.app.trace logs every task's return value at INFO: in the embedded default (tasks run
+    # in-process) that floods the command line, so it is kept for failures; workers log their own.
+    "loggers": {"django.db.backends": {"level": "WARNING"}, "daphne": {"level": "WARNING"},
+                "celery.app.trace": {"level": envstr("VIGIL_TASK_LOG_LEVEL", "WARNING")}},
 }
 
 if not DEBUG:
