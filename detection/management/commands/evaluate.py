@@ -17,6 +17,7 @@ from detection.evaluation import (
 )
 from detection.ingest import IngestError
 from detection.ml.detectors import DETECTORS
+from detection.management.checks import migrated_database
 
 SHORT_PROFILE = {"standard": "standard", "reward_low_FP_rate": "low FP", "reward_low_FN_rate": "low FN"}
 PATH_HELP = {
@@ -50,6 +51,7 @@ class Command(BaseCommand):
                             help=f"cmapss: train on the first K cycles of each engine (default {CMAPSS_TRAIN_CYCLES})")
         parser.add_argument("--keep", action="store_true", help="keep the scratch fleet for browsing")
 
+    @migrated_database
     def handle(self, *args, **opts):
         dataset = opts["dataset"]
         self._check_options(dataset, opts)

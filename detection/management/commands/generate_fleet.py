@@ -11,6 +11,7 @@ from detection.ingest.base import IngestError
 from detection.ingest.loader import ingest_batch
 from detection.ingest.synthetic import SPECIAL_COHORT_NAME, generate_fleet
 from detection.models import Fleet
+from detection.management.checks import migrated_database
 
 
 class Command(BaseCommand):
@@ -23,6 +24,7 @@ class Command(BaseCommand):
         parser.add_argument("--seed", type=int, required=True, help="the same seed gives the same fleet")
         parser.add_argument("--if-missing", action="store_true", help="do nothing if the fleet exists")
 
+    @migrated_database
     def handle(self, *, fleet: str, devices: int, days: int, seed: int, if_missing: bool, **options):
         try:
             validate_slug(fleet)

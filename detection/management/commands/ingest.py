@@ -8,6 +8,7 @@ from django.core.management.base import BaseCommand, CommandError
 from detection.ingest.base import DEVICE_ATTRIBUTES, IngestError
 from detection.ingest.loader import ingest_batch
 from detection.ingest.readers import FORMATS, infer_format, read_source
+from detection.management.checks import migrated_database
 
 
 class Command(BaseCommand):
@@ -30,6 +31,7 @@ class Command(BaseCommand):
             table.add_argument(f"--{attr.replace('_', '-')}-column", dest=f"{attr}_column", metavar="COLUMN")
         parser.add_argument("--split", choices=["train", "test"], default="train", help="cmapss: which files")
 
+    @migrated_database
     def handle(self, *args, **options):
         path, fleet = options["path"], options["fleet"]
         try:

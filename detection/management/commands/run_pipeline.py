@@ -4,6 +4,7 @@ from django.core.management.base import BaseCommand, CommandError
 from detection.choices import RunStatus, Trigger
 from detection.models import Fleet
 from detection.services import PipelineRunError, pipeline_run_create, pipeline_run_execute
+from detection.management.checks import migrated_database
 
 
 class Command(BaseCommand):
@@ -16,6 +17,7 @@ class Command(BaseCommand):
         parser.add_argument("--score", choices=["all", "after_training"], default="all",
                             help="score every row (default) or only rows after the training window")
 
+    @migrated_database
     def handle(self, *args, **opts):
         try:
             fleet = Fleet.objects.get(name=opts["fleet"])
