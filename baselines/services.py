@@ -19,12 +19,11 @@ import numpy as np
 import pandas as pd
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Max
 from django.utils import timezone
 
 from detection.choices import AuditAction, Label, Role, RunStatus, Trigger
 from detection.ingest.loader import load_telemetry_frame
-from detection.ml.artifacts import FORMAT_VERSION, ArtifactError, load_artifact, save_artifact
+from detection.ml.artifacts import ArtifactError, load_artifact
 from detection.ml.detectors import DETECTORS
 from detection.ml.features import build_features
 from detection.ml.pipeline import PipelineConfig, StageError, run_core
@@ -33,13 +32,14 @@ from detection.permissions import user_has_role
 from detection.services import (
     audit_record,
     baseline_version_activate,
+    baseline_version_create,
     pipeline_run_create,
     pipeline_run_execute,
 )
 
 from . import engine
 from .choices import ProposalSource, ProposalStatus
-from .models import BaselineProposal, BaselineStatistic, BaselineVersion
+from .models import BaselineProposal, BaselineVersion
 
 logger = logging.getLogger(__name__)
 
@@ -420,22 +420,16 @@ def apply_step_baseline(*, proposal_ids: list[int]) -> BaselineVersion | None:
     if not proposals:
         return None
     fleet = proposals[0].fleet
-    path = None
+    version = None
     try:
         active = _active_version(fleet)
         adjusted = _adjusted_set(_load_set(active), proposals, feedback_settings(fleet))
         with transaction.atomic():
-            number = (BaselineVersion.objects.filter(fleet=fleet).aggregate(n=Max("number"))["n"] or 0) + 1
-            path = Path(settings.VIGIL_ARTIFACT_DIR) / fleet.name / f"baseline-v{number}-feedback.pkl"
-            checksum = save_artifact(adjusted, path, kind="baselines")
             reason = "; ".join(f"proposal {p.pk}: {p}" for p in proposals)
-            version = BaselineVersion.objects.create(
-                fleet=fleet, number=number, is_active=False, levels=list(adjusted.levels),
-                feature_list=adjusted.features, min_rows=adjusted.min_rows, row_count=active.row_count,
-                artifact_path=str(path), artifact_checksum=checksum, format_version=FORMAT_VERSION,
-                source="feedback", reason=f"from v{active.number} by {reason}"[:5000],
+            version = baseline_version_create(
+                fleet=fleet, baselines=adjusted, tag="feedback", source="feedback",
+                reason=f"from v{active.number} by {reason}", row_count=active.row_count,
                 created_by=proposals[0].decided_by)
-            _write_statistics(version, adjusted)
             claimed = BaselineProposal.objects.filter(
                 pk__in=[p.pk for p in proposals], status=ProposalStatus.APPROVED,
                 result_baseline_version__isnull=True).update(result_baseline_version=version)
@@ -443,29 +437,18 @@ def apply_step_baseline(*, proposal_ids: list[int]) -> BaselineVersion | None:
                 raise _AlreadyClaimed()
         return version
     except _AlreadyClaimed:
-        if path is not None:
-            path.unlink(missing_ok=True)
+        Path(version.artifact_path).unlink(missing_ok=True)
         return None
     except Exception as exc:  # any failure: the old versions stay active
         logger.exception("building the baseline version for proposals %s failed", proposal_ids)
-        if path is not None and not BaselineVersion.objects.filter(artifact_path=str(path)).exists():
-            path.unlink(missing_ok=True)
+        if version is not None and not BaselineVersion.objects.filter(pk=version.pk).exists():
+            Path(version.artifact_path).unlink(missing_ok=True)
         _fail(proposal_ids, f"baseline step failed: {exc}")
         return None
 
 
 class _AlreadyClaimed(Exception):
     pass
-
-
-def _write_statistics(version: BaselineVersion, baselines: engine.BaselineSet) -> None:
-    from detection.ingest.bulk import bulk_insert
-
-    stats = baselines.stats
-    bulk_insert(BaselineStatistic, ["version_id", "level", "group_key", "feature", "median", "mad", "row_count",
-                                    "fallback_level"],
-                ((version.id, *row) for row in stats[["level", "group_key", "feature", "median", "mad", "count",
-                                                      "fallback_level"]].itertuples(index=False, name=None)))
 
 
 def apply_step_retrain(*, proposal_ids: list[int]) -> PipelineRun | None:
@@ -547,27 +530,21 @@ def baseline_version_rollback(*, fleet: Fleet, to_version: BaselineVersion, user
     if to_version.is_active:
         raise ProposalError("to_version", f"v{to_version.number} is already the active baseline version")
     baselines = _load_set(to_version)
-    path = None
+    version = None
     try:
         with transaction.atomic():
             current = BaselineVersion.objects.filter(fleet=fleet, is_active=True).first()
-            number = (BaselineVersion.objects.filter(fleet=fleet).aggregate(n=Max("number"))["n"] or 0) + 1
-            path = Path(settings.VIGIL_ARTIFACT_DIR) / fleet.name / f"baseline-v{number}-rollback.pkl"
-            checksum = save_artifact(baselines, path, kind="baselines")
             text = reason.strip() or f"rolled back to v{to_version.number}"
-            version = BaselineVersion.objects.create(
-                fleet=fleet, number=number, levels=list(to_version.levels), feature_list=list(to_version.feature_list),
-                min_rows=to_version.min_rows, row_count=to_version.row_count, artifact_path=str(path),
-                artifact_checksum=checksum, format_version=FORMAT_VERSION, source="rollback",
-                reason=f"copy of v{to_version.number}: {text}", created_by=user)
-            _write_statistics(version, baselines)
+            version = baseline_version_create(
+                fleet=fleet, baselines=baselines, tag="rollback", source="rollback",
+                reason=f"copy of v{to_version.number}: {text}", row_count=to_version.row_count, created_by=user)
             audit_record(action=AuditAction.BASELINE_ROLLED_BACK, actor=user, fleet=fleet, target=version,
                          before={"active_version": current.number if current else None},
-                         after={"active_version": number, "copy_of": to_version.number}, reason=text)
+                         after={"active_version": version.number, "copy_of": to_version.number}, reason=text)
             version = baseline_version_activate(version=version, actor=user, reason=text)
     except Exception:
-        if path is not None:
-            path.unlink(missing_ok=True)
+        if version is not None:
+            Path(version.artifact_path).unlink(missing_ok=True)
         raise
     return version
 

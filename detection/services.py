@@ -178,6 +178,34 @@ def baseline_version_activate(*, version: BaselineVersion, actor=None, actor_lab
     return version
 
 
+def baseline_version_create(*, fleet: Fleet, baselines, tag: str, source: str, reason: str, row_count: int,
+                            created_by=None, run: PipelineRun | None = None) -> BaselineVersion:
+    """A new, inactive baseline version of fleet (number = the highest + 1) holding `baselines` (a
+    baselines.engine.BaselineSet): its artifact file (baseline-v<number>-<tag>.pkl, written atomically)
+    and one BaselineStatistic row per (level, group, feature). Call inside the caller's transaction and
+    activate with baseline_version_activate; if the caller's transaction fails afterwards, the caller
+    removes version.artifact_path. If creating the rows fails here, the artifact is removed before the
+    error propagates."""
+    number = (BaselineVersion.objects.filter(fleet=fleet).aggregate(n=Max("number"))["n"] or 0) + 1
+    path = Path(settings.VIGIL_ARTIFACT_DIR) / fleet.name / f"baseline-v{number}-{tag}.pkl"
+    checksum = save_artifact(baselines, path, kind="baselines")
+    try:
+        version = BaselineVersion.objects.create(
+            fleet=fleet, number=number, is_active=False, levels=list(baselines.levels),
+            feature_list=list(baselines.features), min_rows=baselines.min_rows, row_count=row_count,
+            artifact_path=str(path), artifact_checksum=checksum, format_version=FORMAT_VERSION, source=source,
+            reason=reason[:5000], created_by=created_by, run=run)
+        bulk_insert(BaselineStatistic, ["version_id", "level", "group_key", "feature", "median", "mad", "row_count",
+                                        "fallback_level"],
+                    ((version.id, *row) for row in baselines.stats[
+                        ["level", "group_key", "feature", "median", "mad", "count", "fallback_level"]
+                    ].itertuples(index=False, name=None)))
+    except Exception:
+        path.unlink(missing_ok=True)
+        raise
+    return version
+
+
 def _finish(run: PipelineRun, status: str, *, error: str = "") -> PipelineRun:
     run.status = status
     run.error = error
@@ -206,34 +234,16 @@ def _persist(run: PipelineRun, output: PipelineOutput, config: PipelineConfig) -
                 baseline_version_activate(version=baseline, actor=run.started_by,
                                           reason=f"used by pipeline run {run.id}")
             elif output.baselines is not None:
-                number = (BaselineVersion.objects.filter(fleet=fleet).aggregate(n=Max("number"))["n"] or 0) + 1
-                path = artifact_dir / f"baseline-v{number}-run{run.id}.pkl"
-                checksum = save_artifact(output.baselines, path, kind="baselines")
-                written.append(path)
+                baseline = baseline_version_create(
+                    fleet=fleet, baselines=output.baselines, tag=f"run{run.id}", source="pipeline",
+                    reason=f"computed by pipeline run {run.id}", row_count=output.training_rows,
+                    created_by=run.started_by, run=run)
+                written.append(Path(baseline.artifact_path))
                 # A candidate retrain's baselines wait, inactive, for its model's promotion
                 # (model_version_promote activates them), so the pages and drift checks keep reading the
                 # baselines of the model in production.
-                candidate = bool(run.params.get("candidate"))
-                if not candidate:
-                    now = timezone.now()
-                    BaselineVersion.objects.filter(fleet=fleet, is_active=True).update(is_active=False,
-                                                                                        valid_to=now)
-                baseline = BaselineVersion.objects.create(
-                    fleet=fleet, number=number, is_active=not candidate, levels=list(output.baselines.levels),
-                    feature_list=output.baselines.features, min_rows=output.baselines.min_rows,
-                    row_count=output.training_rows, artifact_path=str(path), artifact_checksum=checksum,
-                    format_version=FORMAT_VERSION, source="pipeline", reason=f"computed by pipeline run {run.id}",
-                    created_by=run.started_by, run=run)
-                if not candidate:
-                    audit_record(action=AuditAction.BASELINE_ACTIVATED, actor=run.started_by, fleet=fleet,
-                                 target=baseline, after={"active_version": number},
-                                 reason=f"computed by pipeline run {run.id}")
-                stats = output.baselines.stats
-                bulk_insert(BaselineStatistic, ["version_id", "level", "group_key", "feature", "median", "mad",
-                                                "row_count", "fallback_level"],
-                            ((baseline.id, *row) for row in stats[["level", "group_key", "feature", "median", "mad",
-                                                                   "count", "fallback_level"]].itertuples(
-                                index=False, name=None)))
+                if not run.params.get("candidate"):
+                    baseline = baseline_version_activate(version=baseline, actor=run.started_by)
             version = (ModelVersion.objects.filter(fleet=fleet).aggregate(n=Max("version"))["n"] or 0) + 1
             path = artifact_dir / f"model-v{version}-run{run.id}.pkl"
             detector = output.detector
