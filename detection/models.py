@@ -226,6 +226,12 @@ class AnomalyResult(models.Model):
             models.Index(fields=["fleet", "label", "-timestamp"], name="result_fleet_label_ts"),
             models.Index(fields=["run", "label"], name="result_run_label"),
             models.Index(fields=["device", "timestamp"], name="result_device_ts"),
+            # The review list pages through one run's anomalies, newest first or by score. Partial
+            # (label = anomaly): a few percent of a run's rows, so bulk inserts of normal rows skip them.
+            models.Index(fields=["run", "anomaly_score", "timestamp", "id"], name="result_run_anomaly_score",
+                         condition=models.Q(label=-1)),
+            models.Index(fields=["run", "timestamp", "id"], name="result_run_anomaly_ts",
+                         condition=models.Q(label=-1)),
         ]
 
     @property

@@ -81,6 +81,7 @@ def stack(services_up, settings, tmp_path):
         env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": REDIS_URL,
                "VIGIL_VAR_DIR": str(tmp_path / "var"), "VIGIL_ARTIFACT_DIR": str(settings.VIGIL_ARTIFACT_DIR),
                "CELERY_VISIBILITY_TIMEOUT": str(visibility_timeout), "VIGIL_N_JOBS": "1",
+               "VIGIL_TASK_LOG_LEVEL": "INFO",  # each task's "succeeded" line, read by the sharding test
                "DJANGO_SETTINGS_MODULE": "anomaly_project.settings"}
         log = (tmp_path / f"{name}.log").open("w")
         worker = subprocess.Popen(
@@ -194,3 +195,34 @@ def test_a_killed_worker_loses_no_run_and_duplicates_nothing(stack, fleet_and_to
     assert AnomalyResult.objects.filter(run_id=run_id).count() == run.n_scored > 0
     assert ModelVersion.objects.filter(fleet=fleet).count() == 1
     assert PipelineRun.objects.filter(fleet=fleet).count() == 1
+
+
+def test_two_worker_processes_split_sharded_scoring_and_match_one_worker(stack, fleet_and_token, tmp_path):
+    """Scale-out for real: two worker processes on one broker take the shards of a chord between them,
+    and the merged scores equal one in-process worker's (tests/test_api_sharding.py checks the same
+    equality with eager tasks)."""
+    import pandas as pd
+
+    from detection.services import pipeline_run_create, pipeline_run_execute
+    from detection.sharding import fleet_score, fleet_score_sharded, fleet_shards, rows_to_scores
+
+    fleet, _, _ = fleet_and_token
+    run = pipeline_run_execute(run_id=pipeline_run_create(fleet=fleet).id)  # in this process
+    assert run.model_version_id, run.error
+    stack("w-a")
+    stack("w-b")
+    shards = fleet_shards(fleet=fleet, n_shards=6)
+    assert len(shards) >= 4  # 12 devices in several cohorts
+
+    merged = fleet_score_sharded(fleet=fleet, n_shards=6).get(timeout=RUN_TIMEOUT)
+    single = fleet_score(fleet=fleet)
+    assert merged["shards"] == len(shards)
+    sharded = rows_to_scores(merged["rows"])
+    pd.testing.assert_frame_equal(sharded[["device_id", "label", "severity"]],
+                                  single[["device_id", "label", "severity"]])
+    assert sharded["anomaly_score"].to_numpy() == pytest.approx(single["anomaly_score"].to_numpy(), rel=1e-9)
+    # Each worker ran some of the shards (prefetch 1 and acks_late: a worker holds one task at a time).
+    done = {name: sum("score_shard_task[" in line and "succeeded" in line  # celery's INFO line per task
+                      for line in (tmp_path / f"{name}.log").read_text().splitlines()) for name in ("w-a", "w-b")}
+    assert sum(done.values()) == len(shards), done
+    assert all(n >= 1 for n in done.values()), done
