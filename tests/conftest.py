@@ -50,3 +50,33 @@ def browser():
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
+
+
+# --- API clients by role (test files of pages define their own, logged-in Django clients) -----------
+@pytest.fixture
+def viewer(db):
+    from factories import api_client, user_with_role
+
+    return api_client(user_with_role("viewer", "viewer", password="pw-123456"))
+
+
+@pytest.fixture
+def reviewer(db):
+    from factories import api_client, user_with_role
+
+    return api_client(user_with_role("reviewer", "reviewer", password="pw-123456"))
+
+
+@pytest.fixture
+def approver(db):
+    from factories import api_client, user_with_role
+
+    return api_client(user_with_role("approver", "approver", password="pw-123456"))
+
+
+@pytest.fixture
+def outsider(db):
+    """Signed in, in no role group."""
+    from factories import api_client, user_with_role
+
+    return api_client(user_with_role("outsider", None, password="pw-123456"))

@@ -105,3 +105,13 @@ def user_with_role(username: str, role: str | None, **fields):
     if role:
         user.groups.add(Group.objects.get_or_create(name=role)[0])
     return user
+
+
+def api_client(user=None):
+    """A DRF APIClient authenticated as `user` (force_authenticate); anonymous for None."""
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    if user is not None:
+        client.force_authenticate(user)
+    return client

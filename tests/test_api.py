@@ -5,7 +5,6 @@ import math
 
 import numpy as np
 import pytest
-from django.contrib.auth.models import Group, User
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
@@ -17,23 +16,13 @@ from detection.ingest.synthetic import generate_fleet
 from detection.models import AnomalyResult, Fleet, ModelVersion, PipelineRun
 from detection.services import pipeline_run_create, pipeline_run_execute
 
-from factories import DeviceFactory, FleetFactory
+from factories import DeviceFactory, FleetFactory, user_with_role
 
 pytestmark = pytest.mark.django_db
 
 
-def _user(name: str, role: str | None = None) -> User:
-    user = User.objects.create_user(name, password="pw-123456")
-    if role:
-        user.groups.add(Group.objects.get_or_create(name=role)[0])
-    return user
 
 
-def _client(user: User | None = None) -> APIClient:
-    client = APIClient()
-    if user is not None:
-        client.force_authenticate(user)
-    return client
 
 
 @pytest.fixture(autouse=True)
@@ -43,19 +32,10 @@ def _fresh_model_cache():
     serving.model_cache_clear()
 
 
-@pytest.fixture
-def viewer():
-    return _client(_user("viewer", "viewer"))
 
 
-@pytest.fixture
-def approver():
-    return _client(_user("approver", "approver"))
 
 
-@pytest.fixture
-def outsider():
-    return _client(_user("outsider"))
 
 
 @pytest.fixture
@@ -234,7 +214,7 @@ def test_viewer_cannot_start_a_run_or_promote(trained, viewer):
 
 
 def test_token_authentication_works(trained):
-    token = Token.objects.create(user=_user("client", "viewer"))
+    token = Token.objects.create(user=user_with_role("client", "viewer"))
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
     assert client.get("/api/v1/fleets/").json()["results"][0]["name"] == "demo"

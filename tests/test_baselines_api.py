@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from django.contrib.auth.models import Group, User
+from django.contrib.auth.models import User
 from django.urls import reverse
 from rest_framework.test import APIClient
 
@@ -18,44 +18,22 @@ from detection.ingest.loader import ingest_batch
 from detection.ingest.synthetic import generate_fleet
 from detection.models import AnomalyResult, AuditEvent, Fleet
 from detection.services import audit_record, feedback_give, pipeline_run_create, pipeline_run_execute
-from tests.factories import BaselineVersionFactory, FleetFactory
+from tests.factories import BaselineVersionFactory, FleetFactory, api_client, user_with_role
 from tests.test_baselines_pages import COHORT_A, _stats, with_artifact
 
 pytestmark = pytest.mark.django_db
 
 
-def _user(name: str, role: str | None = None) -> User:
-    user = User.objects.create_user(name, password="pw-123456")
-    if role:
-        user.groups.add(Group.objects.get_or_create(name=role)[0])
-    return user
 
 
-def _client(user: User | None = None) -> APIClient:
-    client = APIClient()
-    if user is not None:
-        client.force_authenticate(user)
-    return client
 
 
-@pytest.fixture
-def viewer():
-    return _client(_user("viewer", "viewer"))
 
 
-@pytest.fixture
-def reviewer():
-    return _client(_user("reviewer", "reviewer"))
 
 
-@pytest.fixture
-def approver():
-    return _client(_user("approver", "approver"))
 
 
-@pytest.fixture
-def outsider():
-    return _client(_user("outsider"))
 
 
 @pytest.fixture
@@ -175,9 +153,9 @@ def test_same_approver_rule_is_a_403_naming_user(crafted):
     fleet, _, _, pending = crafted
     fleet.config = {"feedback_require_distinct_approver": True}
     fleet.save()
-    proposer = _user("paula", "approver")
+    proposer = user_with_role("paula", "approver")
     BaselineProposal.objects.filter(pk=pending.pk).update(proposed_by=proposer)
-    response = _client(proposer).post(f"/api/v1/proposals/{pending.pk}/approve/", {}, format="json")
+    response = api_client(proposer).post(f"/api/v1/proposals/{pending.pk}/approve/", {}, format="json")
     assert response.status_code == 403 and "user" in response.json()
     pending.refresh_from_db()
     assert pending.status == ProposalStatus.PENDING
@@ -342,7 +320,7 @@ def test_preview_then_approve_applies_and_the_pages_show_the_result(
     proposal.refresh_from_db()
     assert proposal.impact["computed_at"] == impact["computed_at"]
 
-    client.force_login(_user("anna", "approver"))
+    client.force_login(user_with_role("anna", "approver"))
     page = client.get(reverse("baselines:proposal_detail", args=[proposal.pk])).content.decode()
     assert (
         "Anomalies cleared" in page and f"{impact['before_anomalies']} → {impact['after_anomalies']}" in page
@@ -370,7 +348,7 @@ def test_preview_then_approve_applies_and_the_pages_show_the_result(
     reviewer_user = User.objects.get(username="reviewer")
     for anomaly in AnomalyResult.objects.filter(run_id=proposal.result_run_id, label=Label.ANOMALY):
         feedback_give(anomaly=anomaly, user=reviewer_user, verdict=Verdict.FALSE_POSITIVE)
-    anna = _client(User.objects.get(username="anna"))
+    anna = api_client(User.objects.get(username="anna"))
     response = anna.post("/api/v1/proposals/suggest/", {"fleet": fleet.name}, format="json")
     assert response.status_code == 201, response.json()
     created = response.json()
