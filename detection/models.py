@@ -241,6 +241,8 @@ class AnomalyResult(models.Model):
 
 class AnomalyFeedback(models.Model):
     """A reviewer's verdict on one anomaly: one current verdict per (anomaly, user), updated on re-submit.
+    A run that scores the same (device, timestamp) again gets a copy of each reviewer's latest verdict
+    on it (carried_from), so re-scoring after a baseline change does not reopen what was reviewed.
 
     client_id: set by a client that may submit the same verdict twice (offline queue); unique when set.
     """
@@ -250,6 +252,10 @@ class AnomalyFeedback(models.Model):
     verdict = models.CharField(max_length=20, choices=Verdict.choices)
     comment = models.TextField(blank=True)
     client_id = models.UUIDField(null=True, blank=True)
+    # A verdict copied from an earlier run's anomaly at the same (device, timestamp) when a new run
+    # scored it again (detection.services.feedback_carry_over); None for a verdict given on this anomaly.
+    carried_from = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
+                                     db_constraint=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

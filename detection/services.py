@@ -117,6 +117,31 @@ def pipeline_run_execute(*, run_id: int, progress: Progress | None = None) -> Pi
     return run
 
 
+def feedback_carry_over(*, run: PipelineRun) -> int:
+    """Copy reviewers' verdicts from the fleet's earlier runs onto run's anomalies at the same (device,
+    timestamp): each reviewer's latest verdict there (by updated_at), with its comment, and carried_from
+    pointing at it. Called inside the persist transaction, so a run's results and the carried verdicts
+    are written together or not at all. Samples that are no longer anomalies carry nothing (they leave
+    the review list), and a reviewer who gives a verdict on the new anomaly replaces the copy.
+    Returns the number of verdicts copied."""
+    anomalies = {(device, stamp): pk for pk, device, stamp in AnomalyResult.objects.filter(
+        run=run, label=Label.ANOMALY).values_list("pk", "device_id", "timestamp")}
+    if not anomalies:
+        return 0
+    latest: dict[tuple, AnomalyFeedback] = {}
+    earlier = (AnomalyFeedback.objects.filter(anomaly__fleet_id=run.fleet_id, anomaly__label=Label.ANOMALY)
+               .exclude(anomaly__run=run).select_related("anomaly").order_by("updated_at", "id"))
+    for item in earlier.iterator(chunk_size=2000):
+        key = (item.anomaly.device_id, item.anomaly.timestamp)
+        if key in anomalies:
+            latest[(*key, item.user_id)] = item  # later verdicts overwrite earlier ones
+    copies = [AnomalyFeedback(anomaly_id=anomalies[(device, stamp)], user_id=user, verdict=item.verdict,
+                              comment=item.comment, carried_from_id=item.carried_from_id or item.pk)  # the original
+              for (device, stamp, user), item in latest.items()]
+    AnomalyFeedback.objects.bulk_create(copies, batch_size=1000)
+    return len(copies)
+
+
 def _warm_run_aggregates(run: PipelineRun) -> None:
     """Compute the finished run's overview aggregates once, here, so the first page view after a run
     reads them from the cache (2-3 s for 100k results on SQLite otherwise). A failure only costs speed."""
@@ -271,6 +296,7 @@ def _persist(run: PipelineRun, output: PipelineOutput, config: PipelineConfig) -
             })
             run.model_version, run.baseline_version = model, baseline
             run.n_scored, run.n_anomalies, run.threshold = len(scored), result.n_anomalies, result.threshold
+            feedback_carry_over(run=run)
             from alerts.services import run_persisted  # alerts from the results, or a retrain's promotion
             transaction.on_commit(lambda: run_persisted(run=run), robust=True)
     except Exception:
@@ -349,7 +375,8 @@ def feedback_give(*, anomaly: AnomalyResult, user, verdict: str, comment: str = 
                     raise FeedbackError("client_id", f"{client_id} was already used for another verdict")
                 return seen
         feedback, _ = AnomalyFeedback.objects.update_or_create(
-            anomaly=anomaly, user=user, defaults={"verdict": verdict, "comment": comment, "client_id": client_id})
+            anomaly=anomaly, user=user, defaults={"verdict": verdict, "comment": comment, "client_id": client_id,
+                                                  "carried_from": None})  # now given on this anomaly
         transaction.on_commit(lambda: push_feedback(feedback))
         from alerts.services import alerts_on_feedback  # false positives suppress their alert
         transaction.on_commit(lambda: alerts_on_feedback(feedback=feedback), robust=True)

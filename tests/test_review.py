@@ -1,6 +1,7 @@
 """The review app: roles, feedback, filters, keyboard navigation, the fleet overview, runs and model versions."""
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 
 import factory
@@ -12,7 +13,8 @@ from detection.choices import Label, ModelStatus, Severity, Trigger, Verdict
 from detection.models import AnomalyFeedback, ModelVersion, PipelineRun
 from detection.permissions import user_has_role
 from detection.services import (
-    FeedbackError, ModelVersionError, feedback_give, model_version_promote, model_version_rollback,
+    FeedbackError, ModelVersionError, feedback_carry_over, feedback_give, model_version_promote,
+    model_version_rollback,
 )
 from tests.factories import (
     AnomalyResultFactory, DeviceFactory, FleetFactory, ModelVersionFactory, PipelineRunFactory, T0, user_with_role,
@@ -111,6 +113,67 @@ def test_feedback_updates_instead_of_duplicating(scored):
     second = feedback_give(anomaly=anomaly, user=user, verdict=Verdict.FALSE_POSITIVE)
     assert first.pk == second.pk and AnomalyFeedback.objects.count() == 1
     assert second.verdict == Verdict.FALSE_POSITIVE and second.comment == ""
+
+
+def test_a_rescoring_run_carries_each_reviewers_latest_verdict_to_the_same_sample(scored, client):
+    fleet, run, anomalies = scored
+    anna, bob = user_with_role("anna", "reviewer"), user_with_role("bob", "reviewer")
+    feedback_give(anomaly=anomalies[0], user=anna, verdict=Verdict.TRUE_POSITIVE, comment="real")
+    feedback_give(anomaly=anomalies[0], user=bob, verdict=Verdict.FALSE_POSITIVE)
+    feedback_give(anomaly=anomalies[1], user=anna, verdict=Verdict.TRUE_POSITIVE)
+    feedback_give(anomaly=anomalies[1], user=anna, verdict=Verdict.FALSE_POSITIVE)  # changed her mind
+    feedback_give(anomaly=anomalies[2], user=anna, verdict=Verdict.FALSE_POSITIVE)  # cleared by the re-score
+    rescored = PipelineRunFactory(fleet=fleet, model_version=run.model_version)
+    again = [AnomalyResultFactory(run=rescored, model_version=run.model_version, device=a.device,
+                                  timestamp=a.timestamp) for a in anomalies[:2]]
+    AnomalyResultFactory(run=rescored, model_version=run.model_version, device=anomalies[2].device,
+                         timestamp=anomalies[2].timestamp, label=Label.NORMAL, severity="")
+    AnomalyResultFactory(run=rescored, model_version=run.model_version, device=anomalies[3].device,
+                         timestamp=anomalies[3].timestamp + dt.timedelta(minutes=7))  # another time: nothing to carry
+
+    assert feedback_carry_over(run=rescored) == 3
+    carried = {(f.anomaly_id, f.user.username): f for f in AnomalyFeedback.objects.filter(anomaly__run=rescored)}
+    assert set(carried) == {(again[0].pk, "anna"), (again[0].pk, "bob"), (again[1].pk, "anna")}
+    assert carried[(again[0].pk, "anna")].verdict == Verdict.TRUE_POSITIVE
+    assert carried[(again[0].pk, "anna")].comment == "real"
+    assert carried[(again[1].pk, "anna")].verdict == Verdict.FALSE_POSITIVE  # her latest verdict
+    assert carried[(again[0].pk, "bob")].carried_from.anomaly_id == anomalies[0].pk
+    # A third run points at the original verdicts, not at the copies.
+    third = PipelineRunFactory(fleet=fleet, model_version=run.model_version)
+    AnomalyResultFactory(run=third, model_version=run.model_version, device=anomalies[0].device,
+                         timestamp=anomalies[0].timestamp)
+    assert feedback_carry_over(run=third) == 2
+    assert {f.carried_from.anomaly_id for f in AnomalyFeedback.objects.filter(anomaly__run=third)} == {anomalies[0].pk}
+    # The page says where a carried verdict came from; a verdict given again replaces the copy.
+    client.force_login(anna)
+    page = client.get(reverse("detection:anomaly_detail", args=[again[0].pk])).content.decode()
+    assert "from an earlier run of this sample" in page
+    renewed = feedback_give(anomaly=again[0], user=anna, verdict=Verdict.FALSE_POSITIVE)
+    assert renewed.carried_from_id is None and AnomalyFeedback.objects.filter(anomaly=again[0]).count() == 2
+
+
+def test_a_real_rescore_keeps_the_reviews_of_samples_still_flagged():
+    """Two pipeline runs on the same data: the second run's anomalies at reviewed samples arrive reviewed."""
+    from detection.ingest.loader import ingest_batch
+    from detection.ingest.synthetic import generate_fleet
+    from detection.models import AnomalyResult, Fleet
+    from detection.services import pipeline_run_create, pipeline_run_execute
+
+    ingest_batch(batch=generate_fleet(devices=12, days=4, seed=5), fleet_name="carry")
+    fleet = Fleet.objects.get(name="carry")
+    first = pipeline_run_execute(run_id=pipeline_run_create(fleet=fleet).id)
+    reviewer = user_with_role("rita", "reviewer")
+    reviewed = list(AnomalyResult.objects.filter(run=first, label=Label.ANOMALY).order_by("id")[:10])
+    for item in reviewed:
+        feedback_give(anomaly=item, user=reviewer, verdict=Verdict.FALSE_POSITIVE)
+    second = pipeline_run_execute(run_id=pipeline_run_create(fleet=fleet).id)
+    assert second.status == "succeeded", second.error
+    still = AnomalyResult.objects.filter(run=second, label=Label.ANOMALY,
+                                         device__in=[r.device_id for r in reviewed])
+    keys = {(r.device_id, r.timestamp) for r in reviewed}
+    expected = {r.pk for r in still if (r.device_id, r.timestamp) in keys}
+    assert expected  # the same data and settings flag the same samples again
+    assert set(AnomalyFeedback.objects.filter(anomaly__run=second).values_list("anomaly_id", flat=True)) == expected
 
 
 def test_client_id_deduplicates_replayed_feedback(scored):

@@ -184,7 +184,8 @@ class AnomalyFeedbackSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = AnomalyFeedback
-        fields = ["id", "anomaly", "fleet", "user", "verdict", "comment", "client_id", "created_at", "updated_at"]
+        fields = ["id", "anomaly", "fleet", "user", "verdict", "comment", "client_id", "carried_from", "created_at",
+                  "updated_at"]
         read_only_fields = fields
 
 
