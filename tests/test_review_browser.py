@@ -104,3 +104,47 @@ def test_reviewer_filters_opens_an_anomaly_and_marks_it_false_positive(live_serv
     page.goto(f"{live_server.url}/fleets/demo/anomalies/?severity=critical&store=south&review=open")
     expect(page.locator("#anomaly-table tbody tr")).to_have_count(3)  # the reviewed one left the open list
     assert not errors, errors
+
+
+def test_baseline_band_of_a_negative_metric_sits_around_its_median(live_server, browser, screenshot_dir):
+    """The detail chart's band is median +- 3 * 1.4826 * MAD, also for a metric below zero (Wi-Fi dBm):
+    ECharts' default stacking put the band's width on 0 instead of on its negative lower edge."""
+    import datetime as dt
+    import json
+
+    from baselines.models import BaselineStatistic
+    from detection.models import Telemetry
+    from tests.factories import BaselineVersionFactory, T0
+
+    fleet = FleetFactory(name="wifi", metric_schema=[{"name": "wifi_rssi", "unit": "dBm", "domain": "network"}])
+    device = DeviceFactory(fleet=fleet, external_id="scanner-001")
+    baseline = BaselineVersionFactory(fleet=fleet, number=1, is_active=True)
+    BaselineStatistic.objects.create(version=baseline, level="cohort", feature="wifi_rssi", median=-60.0, mad=3.0,
+                                     row_count=500, group_key=json.dumps(
+                                         {"manufacturer": "Zebra", "model": "TC52", "os_version": "11"}))
+    Telemetry.objects.bulk_create(Telemetry(fleet=fleet, device=device, timestamp=T0 + dt.timedelta(hours=h),
+                                            values={"wifi_rssi": -60.0 + (h % 5) - (30 if h == 24 else 0)})
+                                  for h in range(48))
+    model = ModelVersionFactory(fleet=fleet, baseline_version=baseline, status=ModelStatus.PRODUCTION)
+    anomaly = AnomalyResultFactory(
+        run=PipelineRunFactory(fleet=fleet, model_version=model), device=device, model_version=model,
+        timestamp=T0 + dt.timedelta(hours=24),
+        top_metrics=[{"metric": "wifi_rssi", "value": -86.0, "typical": -60.0, "z": -5.8, "level": "cohort"}])
+    user_with_role("vera", "viewer", password="pw-vera")
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{live_server.url}/accounts/login/?next=/anomalies/{anomaly.pk}/")
+    page.get_by_label("Username").fill("vera")
+    page.get_by_label("Password").fill("pw-vera")
+    page.get_by_role("button", name="Log in").click()
+    page.wait_for_selector('[data-metric="wifi_rssi"] svg')
+    # The band's edges as ECharts stacked them: the lower edge series, then lower + width on top of it.
+    edges = page.evaluate("""() => {
+        const chart = echarts.getInstanceByDom(document.querySelector('[data-metric="wifi_rssi"]'));
+        return chart.getModel().getSeries().filter(s => s.get('stack') === 'band').map(s => {
+            const data = s.getData();
+            return data.get(data.getCalculationInfo('stackResultDimension') || 'y', 0);
+        });
+    }""")
+    width = 3 * 1.4826 * 3.0
+    assert edges == pytest.approx([-60.0 - width, -60.0 + width], abs=1e-6)
+    page.screenshot(path=str(screenshot_dir / "anomaly-band-negative-metric.png"), full_page=True)

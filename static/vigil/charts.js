@@ -88,10 +88,12 @@
       var series = [];
       if (m.band) {
         // The band as a stacked area: an invisible lower edge, then the band's width on top of it.
+        // stackStrategy "all": ECharts' default ("samesign") stacks a positive width on 0, not on a
+        // negative lower edge, which drew the band of a metric below zero (wifi dBm) in the wrong place.
         var low = m.points.map(function (p) { return [p[0], m.band.low]; });
         var width = m.points.map(function (p) { return [p[0], m.band.high - m.band.low]; });
-        series.push({name: "band low", type: "line", data: low, stack: "band", symbol: "none", lineStyle: {opacity: 0}, tooltip: {show: false}});
-        series.push({name: "baseline ±" + around.band_z + "σ (robust)", type: "line", data: width, stack: "band", symbol: "none",
+        series.push({name: "band low", type: "line", data: low, stack: "band", stackStrategy: "all", symbol: "none", lineStyle: {opacity: 0}, tooltip: {show: false}});
+        series.push({name: "baseline ±" + around.band_z + "σ (robust)", type: "line", data: width, stack: "band", stackStrategy: "all", symbol: "none",
                      lineStyle: {opacity: 0}, areaStyle: {color: "rgba(29, 122, 70, .15)"}, tooltip: {show: false}});
         series.push({name: "median", type: "line", symbol: "none", data: m.points.map(function (p) { return [p[0], m.band.median]; }),
                      lineStyle: {color: "#1d7a46", type: "dotted"}, tooltip: {show: false}});
