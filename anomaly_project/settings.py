@@ -217,7 +217,7 @@ REST_FRAMEWORK = {
         # Session first keeps the web app's anonymous answer a 403; /api/v1/ puts Token first (so a 401
         # with a WWW-Authenticate challenge), see detection.api.views.API_AUTHENTICATION.
         "rest_framework.authentication.SessionAuthentication",
-        "rest_framework.authentication.TokenAuthentication",
+        "detection.api.authentication.CachedTokenAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
@@ -252,6 +252,8 @@ SPECTACULAR_SETTINGS = {
 }
 # Most observations one POST /api/v1/detect/batch may carry.
 MAX_BATCH_SIZE = envint("VIGIL_MAX_BATCH_SIZE", 500)
+# Seconds an API process trusts a token it has verified (detection.api.authentication); 0 = every request.
+VIGIL_API_TOKEN_CACHE_SECONDS = envint("VIGIL_API_TOKEN_CACHE_SECONDS", 10)
 # Most rows (and bytes, for a CSV upload) one POST /api/v1/fleets/{name}/telemetry/ may carry.
 VIGIL_MAX_INGEST_ROWS = envint("VIGIL_MAX_INGEST_ROWS", 100_000)
 VIGIL_MAX_INGEST_BYTES = envint("VIGIL_MAX_INGEST_BYTES", 20 * 1024 * 1024)

@@ -80,3 +80,13 @@ def outsider(db):
     from factories import api_client, user_with_role
 
     return api_client(user_with_role("outsider", None, password="pw-123456"))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_token_cache():
+    """Each test starts with no verified API token remembered (detection.api.authentication)."""
+    from detection.api.authentication import token_cache_clear
+
+    token_cache_clear()
+    yield
+    token_cache_clear()

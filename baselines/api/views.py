@@ -12,11 +12,12 @@ import django_filters
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import status, viewsets
-from rest_framework.authentication import SessionAuthentication, TokenAuthentication
+from rest_framework.authentication import SessionAuthentication
 from rest_framework.decorators import action
 from rest_framework.exceptions import PermissionDenied, ValidationError
 from rest_framework.response import Response
 
+from detection.api.authentication import CachedTokenAuthentication
 from detection.api.errors import Conflict
 from detection.api.permissions import HasRole
 from detection.api.views import UtcIsoDateTimeFromToRangeFilter
@@ -36,7 +37,7 @@ from .serializers import (
 )
 
 # As in detection.api: tokens for clients, the session for the web app; Token first so anonymous gets a 401.
-API_AUTHENTICATION = [TokenAuthentication, SessionAuthentication]
+API_AUTHENTICATION = [CachedTokenAuthentication, SessionAuthentication]
 
 ERRORS = {
     400: OpenApiResponse(description="a field is invalid; the body names it, {field: [message]}"),

@@ -10,7 +10,7 @@ from django.conf import settings
 from django.db import transaction
 from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
-from rest_framework.authentication import SessionAuthentication, TokenAuthentication
+from rest_framework.authentication import SessionAuthentication
 from rest_framework.decorators import action
 from rest_framework.exceptions import ValidationError
 from rest_framework.parsers import JSONParser, MultiPartParser
@@ -34,10 +34,11 @@ from .serializers import (
     ObservationBatchSerializer, ObservationSerializer, PipelineRunCreateSerializer, PipelineRunSerializer,
     TelemetryIngestResultSerializer, TelemetryIngestSerializer,
 )
+from .authentication import CachedTokenAuthentication
 from .throttling import API_THROTTLES
 
 # Clients use tokens, the web app its session; Token first so that an anonymous request gets a 401.
-API_AUTHENTICATION = [TokenAuthentication, SessionAuthentication]
+API_AUTHENTICATION = [CachedTokenAuthentication, SessionAuthentication]
 
 # --- health ------------------------------------------------------------------------------------
 
