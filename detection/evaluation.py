@@ -55,6 +55,11 @@ SKAB_FLEET_CONFIG = {
     # experiment, so the hybrid's temporal part compares each second with the previous window.
     "hybrid_temporal": "residual",
     "hybrid_temporal_weight": 0.5,
+    # Alarm persistence for the ensemble (and auto): a row's fused score is the median of the last
+    # 20 rows' (20 s), so a valve fault lasting minutes keeps its alarm while a few noisy seconds do
+    # not raise one. Chosen on the even-numbered valve1 files (10 to 30 rows score alike there);
+    # the other detectors ignore it.
+    "ensemble_smooth_rows": 20,
 }
 
 

@@ -11,8 +11,8 @@ from detection.ml.detectors import DETECTORS, AnomalyDetectorConfig, DetectorErr
 from detection.ml.scoring import impact_of, severity_from_score
 from detection.ml.statistical import GrubbsDetector
 from detection.ml.suite import (
-    AutoDetector, EnsembleDetector, data_characteristics, select_detectors, tune_hyperparameters,
-    weights_from_feedback,
+    AutoDetector, EnsembleDetector, data_characteristics, select_detectors, trailing_statistic,
+    tune_hyperparameters, weights_from_feedback,
 )
 
 CONFIG = AnomalyDetectorConfig(n_estimators=100, contamination=0.05, min_training_rows=20)
@@ -192,6 +192,56 @@ def test_rank_fusion_and_weights():
     with pytest.raises(DetectorError, match="ensemble_fusion"):
         AnomalyDetectorConfig(ensemble_fusion="mean")
 
+
+
+# --- alarm persistence (ensemble_smooth_rows) ------------------------------------------------------
+
+def test_trailing_statistic_by_hand_reads_only_earlier_rows():
+    x = [0.0, 10.0, 0.0, 10.0, 10.0, 0.0]
+    assert trailing_statistic(x, 3).tolist() == [0.0, 5.0, 0.0, 10.0, 10.0, 10.0]
+    assert trailing_statistic(x, 2, "mean").tolist() == [0.0, 5.0, 5.0, 5.0, 10.0, 5.0]
+    # history stands for the rows before: only its last rows - 1 values are read
+    assert trailing_statistic([10.0], 3, history=[99.0, 0.0, 10.0]).tolist() == [10.0]
+    assert trailing_statistic(x, 1).tolist() == x
+    changed = list(x[:4]) + [-50.0, 50.0]
+    assert trailing_statistic(changed, 3)[:4].tolist() == trailing_statistic(x, 3)[:4].tolist()
+    with pytest.raises(DetectorError, match="statistic"):
+        trailing_statistic(x, 3, "max")
+
+
+def _persistent(k):
+    config = AnomalyDetectorConfig(n_estimators=50, contamination=0.05, min_training_rows=20,
+                                   ensemble_smooth_rows=k)
+    return EnsembleDetector(config, members=["robust_z", "iqr"])
+
+
+def test_ensemble_persistence_keeps_a_sustained_shift_and_drops_a_lone_spike():
+    rng = np.random.default_rng(3)
+    train = pd.DataFrame(rng.normal(size=(1500, 3)), columns=["a", "b", "c"])
+    test = pd.DataFrame(rng.normal(size=(200, 3)), columns=["a", "b", "c"], index=range(2000, 2200))
+    test.loc[2050, "a"] += 12  # one row
+    test.loc[2120:, "b"] += 4  # from row 2120 on
+    plain, smooth = _persistent(1).fit(train, ["a", "b", "c"]), _persistent(15).fit(train, ["a", "b", "c"])
+    flat = plain.score_samples(test) > plain.threshold_
+    held = smooth.score_samples(test) > smooth.threshold_
+    assert flat[50] and not held[50]  # the spike alone: flagged without persistence only
+    assert held[120:].mean() > 0.85 and held[128:].all()  # the shift: flagged once half the window is in it
+    assert not held[:120].any() and flat[:120].sum() >= 2  # no false alarm before it, fewer than without
+    # The threshold is the highest smoothed training score: no training row is above it.
+    assert (smooth.score_samples(train) <= smooth.threshold_).all()
+
+
+def test_ensemble_persistence_reads_the_training_tail_as_the_recent_past():
+    rng = np.random.default_rng(4)
+    train = pd.DataFrame(rng.normal(size=(600, 3)), columns=["a", "b", "c"])
+    det = _persistent(9).fit(train, ["a", "b", "c"])
+    after = pd.DataFrame(rng.normal(size=(30, 3)), columns=["a", "b", "c"], index=range(600, 630))
+    both = det.score_samples(pd.concat([train, after]))[600:]
+    np.testing.assert_allclose(det.score_samples(after), both)  # as if scored right after training
+    restored = pickle.loads(pickle.dumps(det))
+    np.testing.assert_allclose(restored.score_samples(after), both)
+    with pytest.raises(DetectorError, match="ensemble_smooth_rows"):
+        AnomalyDetectorConfig(ensemble_smooth_rows=0)
 
 def test_weights_from_feedback_follow_each_members_precision():
     feedback = pd.DataFrame({"verdict": ["true_positive"] * 8 + ["false_positive"] * 8 + ["not_sure"] * 3,

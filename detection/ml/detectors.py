@@ -73,6 +73,11 @@ class AnomalyDetectorConfig:
     ensemble_fusion: str = "robust"
     # ((member, weight), ...): prior weights of the ensemble members (missing members weigh 1).
     ensemble_weights: tuple[tuple[str, float], ...] = ()
+    # EnsembleDetector: alarm persistence. The fused score of a row becomes the trailing median
+    # ("median") or mean ("mean") of the fused scores of its last ensemble_smooth_rows rows (itself
+    # included, never later rows); 1 leaves the fused score as it is.
+    ensemble_smooth_rows: int = 1
+    ensemble_smooth: str = "median"
     # ((domain or cohort value, weight), ...): business impact; scoring multiplies the anomaly's
     # |z| by it before the severity bands (scoring.severity_from_score). Missing keys weigh 1.
     impact_weights: tuple[tuple[str, float], ...] = ()
@@ -99,6 +104,11 @@ class AnomalyDetectorConfig:
             raise DetectorError(f"temporal_weight must be in [0, 1], got {self.temporal_weight}")
         if self.ensemble_fusion not in ("robust", "rank"):
             raise DetectorError(f"ensemble_fusion must be 'robust' or 'rank', got {self.ensemble_fusion!r}")
+        if not (isinstance(self.ensemble_smooth_rows, int) and 1 <= self.ensemble_smooth_rows <= 10_000):
+            raise DetectorError(
+                f"ensemble_smooth_rows must be an integer in [1, 10000], got {self.ensemble_smooth_rows!r}")
+        if self.ensemble_smooth not in ("median", "mean"):
+            raise DetectorError(f"ensemble_smooth must be 'median' or 'mean', got {self.ensemble_smooth!r}")
         bad = [k for k, w in (*self.ensemble_weights, *self.impact_weights) if not w >= 0]
         if bad:
             raise DetectorError(f"weights must be non-negative numbers; bad key(s): {', '.join(bad)}")

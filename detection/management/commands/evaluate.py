@@ -130,8 +130,15 @@ class Command(BaseCommand):
     # -- output --------------------------------------------------------------------------------
     def _report_skab(self, result):
         m = result.metrics
+        rows = int(result.config.get("ensemble_smooth_rows", 1) or 1)
+        # Only the ensembles (ensemble, auto) read the persistence setting of the fleet config.
+        reads = "ensemble_smooth_rows" in getattr(DETECTORS.get(result.detector), "hyperparameters", {})
+        statistic = result.config.get("ensemble_smooth", "median")
+        persistence = f"; alarm persistence: {statistic} of the last {rows} rows" if rows > 1 and reads \
+            else ""
         self.stdout.write(f"\nSKAB, {result.files} files, {result.scored_rows:,} scored rows "
-                          f"(detector {result.detector}; trained on the first {SKAB_TRAIN_ROWS} rows of each file)")
+                          f"(detector {result.detector}; trained on the first {SKAB_TRAIN_ROWS} rows of each file"
+                          f"{persistence})")
         self.stdout.write(f"{'file':<20} {'F1':>6} {'FAR %':>7} {'MAR %':>7}")
         for name, f in sorted(result.per_file.items(), key=lambda kv: _natural(kv[0])):
             self.stdout.write(f"{name:<20} {f['f1']:>6.3f} {f['far_pct']:>7.1f} {f['mar_pct']:>7.1f}")
