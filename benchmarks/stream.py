@@ -15,10 +15,13 @@ The scratch fleet and stream keys are removed afterwards. Uses the database DATA
 
     VIGIL_VAR_DIR=/tmp/bench python benchmarks/stream.py --events 100000 --rate 0 --json stream.json
     VIGIL_VAR_DIR=/tmp/bench python benchmarks/stream.py --events 30000 --rate 1000 --batch 500
+
+VIGIL_BENCH_PROFILE=DIR makes each consumer write its cProfile to DIR/consumer-<i>.prof.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import multiprocessing as mp
@@ -89,9 +92,20 @@ def drop_fleet() -> None:
 def consumer_main(index: int, batch: int, stop, out, alerts: bool) -> None:
     if not alerts:
         sys.modules["alerts.services"] = None  # the consumer's hook import then fails: no alerts
+    profile = None
+    if os.environ.get("VIGIL_BENCH_PROFILE"):  # a directory: each consumer writes its cProfile there
+        import cProfile
+
+        profile = cProfile.Profile()
+        profile.enable()
+    cpu = time.process_time()
     stats = stream_consume(fleet_name=FLEET, consumer=f"bench-{index}", batch=batch, block_ms=100,
                            stop=stop.is_set, push=False)
-    out.put({**stats.as_dict(), "latencies_s": stats.latencies_s, "alert_latencies_s": stats.alert_latencies_s})
+    if profile is not None:
+        profile.disable()
+        profile.dump_stats(Path(os.environ["VIGIL_BENCH_PROFILE"]) / f"consumer-{index}.prof")
+    out.put({**stats.as_dict(), "latencies_s": stats.latencies_s, "alert_latencies_s": stats.alert_latencies_s,
+             "cpu_seconds": time.process_time() - cpu})
 
 
 def publish(client, payloads: list[str], rate: float) -> tuple[float, float]:
@@ -148,6 +162,11 @@ def main() -> None:
     ensure_group(client, FLEET)
 
     connections.close_all()  # the consumers fork: each opens its own connection
+    # A consumer of `manage.py stream_consume` starts with a small heap. Forked from this process it
+    # inherits the training run's objects, and its garbage collector would walk them, copying every
+    # page on write (seconds of CPU per consumer in its first batches). Frozen, they are left alone.
+    gc.collect()
+    gc.freeze()
     ctx = mp.get_context("fork")
     stop, out = ctx.Event(), ctx.Queue()
     workers = [ctx.Process(target=consumer_main, args=(i, args.batch, stop, out, args.alerts)) for i in range(args.consumers)]
@@ -197,6 +216,10 @@ def main() -> None:
         "results_unique": len(set(keys)),
         "complete": len(keys) == len(set(keys)) == args.events,
         "anomaly_share": round(total["anomalies"] / max(total["scored"], 1), 4),
+        # CPU the consumer processes spent (startup and idle polling included), per event: unlike
+        # events/s, it hardly moves with other work on the machine, so it compares runs under load.
+        "consumer_cpu_seconds": round(sum(r["cpu_seconds"] for r in results), 2),
+        "consumer_cpu_us_per_event": round(1e6 * sum(r["cpu_seconds"] for r in results) / args.events, 1),
         **total,
     }
     client.delete(stream_key(FLEET), dead_letter_key(FLEET))

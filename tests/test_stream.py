@@ -119,6 +119,7 @@ def test_stream_scores_every_event_as_serving_does(live):
     np.testing.assert_allclose([r.anomaly_score for r in results], [e["anomaly_score"] for e in expected],
                                rtol=1e-9, atol=1e-9)
     assert [r.severity or None for r in results] == [e["severity"] for e in expected]
+    assert [r.top_metrics for r in results] == [e["top_metrics"] for e in expected]
     assert stream_group_info(live.client, live.fleet.name)["pending"] == 0
     # and /metrics counts it, under the fleet's label
     samples = _metrics(Client().get("/metrics").content.decode())
@@ -161,6 +162,67 @@ def test_consumer_killed_before_ack_loses_and_duplicates_nothing(live):
     assert len(keys) == len(set(keys)) == len(events)
     info = stream_group_info(live.client, live.fleet.name)
     assert info["pending"] == 0 and info["lag"] == 0
+
+
+def test_consumer_scores_with_what_another_consumer_persisted_meanwhile(live):
+    """A consumer's in-memory history lacks the hours another consumer of the group scored; it reads
+    them back before scoring, so its samples still get detect's scores."""
+    hours = [live.events[h * DEVICES:(h + 1) * DEVICES] for h in range(4)]
+    publish_events(live.client, live.fleet.name, hours[0])
+    stream_consume(fleet_name=live.fleet.name, consumer="a", max_events=0, client=live.client)  # group only
+    b = StreamConsumer(fleet=live.fleet, consumer="b", client=live.client, batch=DEVICES * 5, block_ms=50)
+    b.process(b.read())  # b holds hour 0
+    publish_events(live.client, live.fleet.name, hours[1] + hours[2])
+    assert _consume(live, consumer="a").scored == DEVICES * 2  # a persists hours 1 and 2
+    publish_events(live.client, live.fleet.name, hours[3])
+    b.process(b.read())
+
+    assert b.stats.scored == DEVICES * 2
+    results = {(r.device.external_id, r.timestamp): r.anomaly_score
+               for r in _stream_results(live.fleet).select_related("device").filter(timestamp=hours[3][0]["timestamp"])}
+    expected = serving.detect_observations(fleet=live.fleet, observations=hours[3])
+    np.testing.assert_allclose([results[(e["device_id"], e["timestamp"])] for e in hours[3]],
+                               [e["anomaly_score"] for e in expected], rtol=1e-9, atol=1e-9)
+
+
+def test_consumer_scores_with_the_samples_another_consumer_has_in_flight(live):
+    """The group hands hour 0 to a and hour 1 to b; b scores hour 1 while a has not persisted hour 0 yet,
+    reading hour 0's samples from the stream, so hour 1 still gets detect's scores."""
+    publish_events(live.client, live.fleet.name, live.events[: DEVICES * 2])
+    stream_consume(fleet_name=live.fleet.name, consumer="a", max_events=0, client=live.client)  # group only
+    a = StreamConsumer(fleet=live.fleet, consumer="a", client=live.client, batch=DEVICES, block_ms=50)
+    b = StreamConsumer(fleet=live.fleet, consumer="b", client=live.client, batch=DEVICES, block_ms=50)
+    hour0, hour1 = a.read(), b.read()
+    b.process(hour1)
+    assert _stream_results(live.fleet).count() == DEVICES  # hour 0 is not persisted yet
+    a.process(hour0)
+
+    events = live.events[DEVICES: DEVICES * 2]
+    results = {(r.device.external_id, r.timestamp): r.anomaly_score
+               for r in _stream_results(live.fleet).select_related("device").filter(timestamp=events[0]["timestamp"])}
+    expected = serving.detect_observations(fleet=live.fleet, observations=events)
+    np.testing.assert_allclose([results[(e["device_id"], e["timestamp"])] for e in events],
+                               [e["anomaly_score"] for e in expected], rtol=1e-9, atol=1e-9)
+    assert stream_group_info(live.client, live.fleet.name)["pending"] == 0
+
+
+def test_backlog_older_than_the_preloaded_stretch_is_scored_with_its_own_past(live):
+    """stream_consume preloads the stored stretch before the fleet's newest sample; events from long
+    before it (a replayed backlog) are scored against their own past, as detect scores them."""
+    first = Telemetry.objects.filter(fleet=live.fleet).order_by("timestamp").values_list("timestamp", flat=True)[0]
+    old = first + pd.Timedelta(days=2)
+    events = [{"device_id": t.device.external_id, "timestamp": t.timestamp,
+               "metrics": {m: t.values.get(m) for m in live.metrics}}
+              for t in Telemetry.objects.filter(fleet=live.fleet, timestamp=old).select_related("device")]
+    assert len(events) == DEVICES
+    publish_events(live.client, live.fleet.name, events)
+
+    assert _consume(live).scored == DEVICES
+
+    scores = dict(_stream_results(live.fleet).values_list("device__external_id", "anomaly_score"))
+    expected = serving.detect_observations(fleet=live.fleet, observations=events)
+    np.testing.assert_allclose([scores[e["device_id"]] for e in events], [e["anomaly_score"] for e in expected],
+                               rtol=1e-9, atol=1e-9)
 
 
 def test_restarted_consumer_reads_its_own_pending_entries_first(live):

@@ -14,9 +14,15 @@ Keys (one stream per fleet; see stream_key / dead_letter_key):
 Delivery is at least once, persisting is exactly once per (device, timestamp):
 1. read a micro-batch (XREADGROUP; first the consumer's own pending entries, after a restart);
 2. parse and validate every entry (parse_event, Django-free); bad ones go to the dead-letter stream;
-3. score the good ones (MicroBatchScorer, Django-free: the same build_features / model_inputs /
-   score_frame the pipeline and /api/v1/detect run, with the production model's saved config and
-   baselines, on a per-device in-memory history instead of a database read per batch);
+3. score the good ones (MicroBatchScorer, Django-free: the same features (build_features_at: build_features'
+   values for the batch's rows only) / model_inputs / score_frame the pipeline and /api/v1/detect run,
+   with the production model's saved config and baselines, on a per-device in-memory history instead of
+   a database read of the whole window per batch. What other consumers of the group handled meanwhile
+   is added first: the entries before this batch's that they have not acknowledged yet are read back
+   from the stream (XPENDING + XRANGE: scored concurrently, not persisted), the samples they persisted
+   from the database (only those newer than the history's). So several consumers score a sample as
+   one consumer, and as detect, would. stream_consume preloads the fleet's latest stored stretch
+   before its first read (StreamConsumer.prepare));
 4. in one transaction, drop events whose (device, timestamp) already has a stream result (a
    redelivery), then bulk-insert telemetry (new samples only) and AnomalyResult rows, under one
    PipelineRun per (fleet, model version) with trigger "stream"; (run, device, timestamp) is unique
@@ -40,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 import pandas as pd
 
 from .base import DEVICE_COLUMNS
@@ -51,6 +58,7 @@ GROUP = "vigil-scorers"
 EVENT_FIELD = "event"
 DEAD_LETTER_MAXLEN = 100_000
 MAX_ATTEMPTS = 3  # an entry delivered this often whose micro-batch fails again is dead-lettered
+IN_FLIGHT_MAX = 50_000  # at most this many earlier entries of other consumers are read back per micro-batch
 HISTORY_MARGIN = pd.Timedelta("1h")  # as detection.serving: clock skew between devices and server
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -153,10 +161,7 @@ def parse_event(entry_id: str, fields: Mapping, *, fleet: str, metrics: Collecti
     raw = _field(fields, EVENT_FIELD)
     if raw is None:
         raise EventError(f"entry has no {EVENT_FIELD!r} field", kind="payload")
-    try:
-        event = json.loads(raw)
-    except ValueError as exc:
-        raise EventError(f"{EVENT_FIELD!r} is not valid JSON: {exc}", kind="payload") from None
+    event = _loads(raw)
     if not isinstance(event, dict):
         raise EventError(f"{EVENT_FIELD!r} must be a JSON object, got {type(event).__name__}", kind="payload")
     if event.get("fleet") != fleet:
@@ -175,18 +180,43 @@ def parse_event(entry_id: str, fields: Mapping, *, fleet: str, metrics: Collecti
     values = event.get("metrics")
     if not isinstance(values, dict):
         raise EventError(f"metrics: must be an object of metric name -> number, got {values!r}", kind="metrics")
-    unknown = sorted(set(values) - set(metrics))
-    if unknown:
+    if not isinstance(metrics, (set, frozenset)):
+        metrics = set(metrics)
+    if not metrics.issuperset(values):
+        unknown = sorted(k for k in values if k not in metrics)
         raise EventError(f"metrics: unknown metric(s) {', '.join(unknown)}", kind="metrics")
     clean: dict[str, float] = {}
     for name, value in values.items():
-        if value is None:
+        if type(value) is float and value - value == 0.0:  # a finite float, the common case (inf - inf is NaN)
+            clean[name] = value
+        elif value is None:
             clean[name] = math.nan
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
             raise EventError(f"metrics.{name}: must be a finite number or null, got {value!r}", kind="metrics")
         else:
             clean[name] = float(value)
     return StreamEvent(entry_id, str(device).strip(), ts, clean)
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond float's range
+        return False
+
+
+def _loads(raw):
+    """The entry's JSON: orjson (several times faster than json); what orjson refuses goes through json
+    again, which reads NaN / Infinity (then refused by the metrics check with their own reason) and
+    words the error the same way whatever the parser."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise EventError(f"{EVENT_FIELD!r} is not valid JSON: {exc}", kind="payload") from None
 
 
 def entry_time(entry_id: str) -> float:
@@ -229,6 +259,8 @@ class MicroBatchScorer:
         self.columns = ["device_id", *DEVICE_COLUMNS, "timestamp", *self.metrics]  # as load_telemetry_frame
         self.history = pd.DataFrame({c: pd.Series(dtype=self._dtype(c)) for c in self.columns})
         self.known: set[int] = set()
+        # Set by StreamConsumer.prepare: history was preloaded from here on, before any batch was seen.
+        self.preloaded_from: pd.Timestamp | None = None
         self.usable = model.baselines.features if model.baselines is not None else list(model.model_features)
 
     def _dtype(self, column: str):
@@ -241,6 +273,19 @@ class MicroBatchScorer:
     def devices_without_history(self, device_ids: Iterable[int]) -> list[int]:
         return sorted({int(d) for d in device_ids} - self.known)
 
+    def latest(self, device_ids: Iterable[int]) -> pd.Timestamp | None:
+        """The earliest, over device_ids, of each device's latest sample held (None when a device has
+        none): samples after it may have been persisted by someone else."""
+        ids = pd.Index(np.asarray(list(device_ids), dtype=np.int64)).unique()
+        held = self.history.groupby("device_id", sort=False)["timestamp"].max().reindex(ids)
+        return None if held.isna().any() or not len(held) else held.min()
+
+    def reset(self) -> None:
+        """Forget the history (and which devices it covers)."""
+        self.history = self.history.iloc[:0]
+        self.known = set()
+        self.preloaded_from = None
+
     def add_history(self, frame: pd.DataFrame, device_ids: Iterable[int]) -> None:
         """Add stored telemetry (load_telemetry_frame's columns) and mark `device_ids` as known (also
         those without any stored sample)."""
@@ -252,18 +297,36 @@ class MicroBatchScorer:
     def _conform(self, frame: pd.DataFrame) -> pd.DataFrame:
         frame = frame[self.columns].copy()
         frame["device_id"] = frame["device_id"].astype(np.int64)
-        frame["timestamp"] = pd.to_datetime(frame["timestamp"], utc=True).astype("datetime64[ns, UTC]")
+        if frame["timestamp"].dtype != "datetime64[ns, UTC]":  # to_datetime walks an already converted column
+            frame["timestamp"] = pd.to_datetime(frame["timestamp"], utc=True).astype("datetime64[ns, UTC]")
         return frame.astype(dict.fromkeys(self.metrics, np.float64))
 
     @staticmethod
     def _merge(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+        """old and new rows sorted by device then timestamp, the last of each (device, timestamp) kept
+        (the newest value wins): concat, drop_duplicates(keep="last"), stable sort, in numpy."""
         frame = pd.concat([old, new], ignore_index=True) if len(old) else new.reset_index(drop=True)
-        frame = frame.drop_duplicates(["device_id", "timestamp"], keep="last")  # the newest value wins
-        return frame.sort_values(["device_id", "timestamp"], kind="stable", ignore_index=True)
+        device = frame["device_id"].to_numpy()
+        stamps = frame["timestamp"].to_numpy(dtype="datetime64[ns]").view(np.int64)
+        order = np.lexsort((np.arange(len(frame)), stamps, device))  # stable: equal keys keep their order
+        device, stamps = device[order], stamps[order]
+        last = np.ones(len(order), dtype=bool)
+        last[:-1] = (device[1:] != device[:-1]) | (stamps[1:] != stamps[:-1])
+        return frame.take(order[last]).reset_index(drop=True)
 
     def _trim(self) -> None:
-        latest = self.history.groupby("device_id")["timestamp"].transform("max")
-        self.history = self.history[self.history["timestamp"] >= latest - self.lookback].reset_index(drop=True)
+        """Keep each device's samples within lookback of its latest one (history is sorted)."""
+        history = self.history
+        if not len(history):
+            return
+        device = history["device_id"].to_numpy()
+        stamps = history["timestamp"].to_numpy(dtype="datetime64[ns]").view(np.int64)
+        last = np.r_[device[1:] != device[:-1], True]
+        block = np.cumsum(np.r_[True, device[1:] != device[:-1]]) - 1
+        latest = stamps[last][block]
+        keep = stamps >= latest - self.lookback.value
+        if not keep.all():
+            self.history = history[keep].reset_index(drop=True)
 
     def score(self, batch: pd.DataFrame) -> BatchScores:
         """Score a micro-batch and add it to the history.
@@ -273,7 +336,7 @@ class MicroBatchScorer:
         Returns BatchScores aligned with batch's rows. Raises KeyError for a missing column and
         BaselineError when the baselines lack the model's level or a feature (a broken artifact).
         """
-        from detection.ml.features import build_features
+        from detection.ml.features import build_features_at
         from detection.ml.pipeline import model_inputs
         from detection.ml.scoring import score_frame
 
@@ -289,13 +352,15 @@ class MicroBatchScorer:
         context = history[in_batch | peers].assign(_obs=-1)
         frame = self._merge(context, new.assign(_obs=np.arange(n)))
         config = self.model.config
-        ff = build_features(frame.drop(columns="_obs"), self.metrics, config.features)
-        model_frame, _, _ = model_inputs(ff.frame, baselines=self.model.baselines, usable=self.usable,
-                                         metrics=self.metrics, config=config)
         obs = frame["_obs"].to_numpy()
         positions = np.flatnonzero(obs >= 0)
+        # Features of the batch's rows only, the context read as their past and cohort peers: the same
+        # values build_features gives them over the whole frame, at a cost that does not grow with it.
+        ff = build_features_at(frame.drop(columns="_obs"), positions, self.metrics, config.features)
+        model_frame, _, _ = model_inputs(ff.frame, baselines=self.model.baselines, usable=self.usable,
+                                         metrics=self.metrics, config=config)
         result = score_frame(
-            self.model.detector, model_frame.iloc[positions], explain=ff.frame.iloc[positions],
+            self.model.detector, model_frame, explain=ff.frame,
             features=self.usable, feature_metric=ff.feature_metric, metric_domain=self.metric_domain,
             baselines=self.model.baselines, level=config.z_level, top_k=config.top_k,
             severity_bands=config.severity_bands)
@@ -312,13 +377,28 @@ def events_frame(events: Sequence[StreamEvent], devices: Mapping[str, Mapping[st
                  metrics: Sequence[str]) -> pd.DataFrame:
     """The scorer's input for parsed events of known devices: devices maps external id ->
     {"pk", external_id, manufacturer, model, os_version, store, customer}."""
-    rows = {"device_id": np.array([devices[e.device_id]["pk"] for e in events], dtype=np.int64)}
+    of = [devices[e.device_id] for e in events]
+    rows = {"device_id": np.array([d["pk"] for d in of], dtype=np.int64)}
     for column in DEVICE_COLUMNS:
-        rows[column] = [devices[e.device_id][column] for e in events]
+        rows[column] = [d[column] for d in of]
     rows["timestamp"] = pd.to_datetime([e.timestamp for e in events], utc=True).as_unit("ns")
-    for m in metrics:
-        rows[m] = np.array([e.metrics.get(m, math.nan) for e in events], dtype=np.float64)
+    nan = math.nan
+    values = np.array([[e.metrics.get(m, nan) for m in metrics] for e in events], dtype=np.float64)
+    for j, m in enumerate(metrics):
+        rows[m] = values[:, j] if len(events) else np.empty(0)
     return pd.DataFrame(rows)
+
+
+def _absent(keys: list[tuple[int, datetime]], found: set) -> np.ndarray:
+    """Mask of keys not in found ((device pk, aware datetime) pairs from the database)."""
+    if not found:
+        return np.ones(len(keys), dtype=bool)
+    return np.fromiter((k not in found for k in keys), dtype=bool, count=len(keys))
+
+
+def _id_order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _text(value) -> str:
@@ -399,6 +479,7 @@ class StreamConsumer:
         self.count = batch  # entries per read; stream_consume lowers it to stop exactly at max_events
         self.key, self.dead_key = stream_key(fleet.name), dead_letter_key(fleet.name)
         self.metrics = fleet.metric_names
+        self._metric_set = frozenset(self.metrics)
         self.stats = ConsumerStats()
         self._devices: dict[str, dict] = {}
         self._scorer: MicroBatchScorer | None = None
@@ -498,7 +579,7 @@ class StreamConsumer:
         raw = dict(entries)
         for entry_id, fields in entries:
             try:
-                events.append(parse_event(entry_id, fields, fleet=name, metrics=self.metrics))
+                events.append(parse_event(entry_id, fields, fleet=name, metrics=self._metric_set))
             except EventError as exc:
                 dead.append((entry_id, fields, exc))
         self._load_devices({e.device_id for e in events})
@@ -519,13 +600,23 @@ class StreamConsumer:
         loaded = model_load(fleet=self.fleet)
         scorer = self._scorer_for(loaded)
         frame = events_frame(known, self._devices, self.metrics)
+        if scorer.preloaded_from is not None:  # the first batch after prepare()
+            if frame["timestamp"].min() - scorer.lookback < scorer.preloaded_from:
+                scorer.reset()  # it reaches back before the preloaded stretch: load its own, as without prepare
+            scorer.preloaded_from = None
         new_devices = scorer.devices_without_history(frame["device_id"])
         if new_devices:
             self._warm(scorer, frame, new_devices)
+        in_flight = self._in_flight_start(min((i for i, _ in entries), key=_id_order))  # before the catch-up read
+        if not new_devices or len(new_devices) < frame["device_id"].nunique():
+            self._catch_up(scorer, frame)
+        if in_flight is not None:
+            self._add_in_flight(scorer, *in_flight)
         scores = scorer.score(frame)
+        keys = [(self._devices[e.device_id]["pk"], e.timestamp) for e in known]  # frame's rows, in order
         for attempt in range(2):
             try:
-                written = self._write(frame, scores, loaded)
+                written = self._write(frame, scores, loaded, keys)
                 break
             except IntegrityError:  # another consumer wrote some of these meanwhile: filter again
                 if attempt:
@@ -548,7 +639,7 @@ class StreamConsumer:
         for severity, count in pd.Series(scores.severity[anomalous]).value_counts().items():
             m.ANOMALIES.labels(fleet=name, severity=severity or "none").inc(int(count))
         if anomalous.any() or not written.all():
-            self._after_commit(frame, known, new=anomalous, redelivered=~written)
+            self._after_commit(keys, known, new=anomalous, redelivered=~written)
         return dead, n_written
 
     def _load_devices(self, external_ids: set[str]) -> None:
@@ -569,6 +660,31 @@ class StreamConsumer:
                                        threshold=float(loaded.detector.threshold_), stream=self.key)
         return self._scorer
 
+    def prepare(self) -> None:
+        """Before the first read: load the model and the fleet's latest stored stretch of telemetry
+        (lookback before its newest sample, every device), what the first micro-batch of a live stream
+        would load itself, so that it does not wait for it. A first batch that reaches back before that
+        stretch (a backlog older than the stored data) drops it and loads its own window instead."""
+        from django.db.models import Max, OuterRef, Subquery
+
+        from detection.ingest.loader import load_telemetry_frame
+        from detection.models import Device, Telemetry
+        from detection.serving import model_load
+
+        scorer = self._scorer_for(model_load(fleet=self.fleet))
+        if scorer.known:
+            return
+        # The newest sample per device through the (device, timestamp) index, not a scan of the fleet.
+        newest = Telemetry.objects.filter(device=OuterRef("pk")).order_by("-timestamp").values("timestamp")[:1]
+        latest = Device.objects.filter(fleet=self.fleet).annotate(newest=Subquery(newest)).aggregate(
+            latest=Max("newest"))["latest"]
+        if latest is None:
+            return
+        start = pd.Timestamp(latest) - scorer.lookback
+        stored = load_telemetry_frame(self.fleet, start=start, end=pd.Timestamp(latest) + scorer.bucket)
+        scorer.add_history(stored, stored["device_id"].unique().tolist())
+        scorer.preloaded_from = start
+
     def _warm(self, scorer: MicroBatchScorer, frame: pd.DataFrame, device_ids: list[int]) -> None:
         """Stored history of devices the scorer has not seen: the whole fleet on the first batch (so the
         cohort peers are there too), the new devices after that."""
@@ -581,33 +697,78 @@ class StreamConsumer:
         ids = set(device_ids) | (set(stored["device_id"].unique().tolist()) if first else set())
         scorer.add_history(stored, ids)
 
-    def _write(self, frame: pd.DataFrame, scores: BatchScores, loaded):
+    def _in_flight_start(self, first: str) -> tuple[str, str] | None:
+        """(oldest, first): the range of entries before this batch's first one that the group delivered to
+        other consumers and that they have not acknowledged yet, i.e. not persisted, or None. Taken
+        before the database catch-up read, so that an entry acknowledged in between is in one of them."""
+        pending = self.client.xpending_range(self.key, GROUP, min="-", max=f"({first}", count=IN_FLIGHT_MAX)
+        others = [_text(p["message_id"]) for p in pending if _text(p["consumer"]) != self.consumer]
+        return (min(others, key=_id_order), first) if others else None
+
+    def _add_in_flight(self, scorer: MicroBatchScorer, oldest: str, first: str) -> None:
+        """Add the samples of other consumers' in-flight entries (oldest up to this batch) to the history:
+        the group hands consecutive entries to different consumers, so the samples just before this
+        batch's may be another consumer's, scored at the same time and not persisted yet. Without them
+        this batch's rolling windows and deltas would miss them, and its scores would not be detect's.
+        Entries that do not parse (their consumer dead-letters them) and unknown devices are skipped."""
+        reply = self.client.xrange(self.key, min=oldest, max=f"({first}", count=IN_FLIGHT_MAX)
+        events = []
+        for entry_id, fields in reply:
+            if fields is None:
+                continue
+            try:
+                events.append(parse_event(_text(entry_id), fields, fleet=self.fleet.name, metrics=self._metric_set))
+            except EventError:
+                continue
+        self._load_devices({e.device_id for e in events})
+        events = [e for e in events if e.device_id in self._devices]
+        if events:
+            scorer.add_history(events_frame(events, self._devices, self.metrics), [])
+
+    def _catch_up(self, scorer: MicroBatchScorer, frame: pd.DataFrame) -> None:
+        """Stored samples of the batch's devices newer than the scorer's latest one of them: what other
+        consumers of the group (or file ingestion) persisted meanwhile, so that this batch's rolling
+        windows hold them too. Alone on the stream, the read finds nothing (one index lookup)."""
+        from detection.ingest.loader import load_telemetry_frame
+
+        device_ids = frame["device_id"].unique()
+        lo = frame["timestamp"].min() - scorer.lookback
+        since = scorer.latest(device_ids)
+        start = lo if since is None else max(since + pd.Timedelta(microseconds=1), lo)
+        end = frame["timestamp"].max() + scorer.bucket
+        if start >= end:
+            return
+        stored = load_telemetry_frame(self.fleet, start=start, end=end, device_ids=device_ids.tolist())
+        if len(stored):
+            scorer.add_history(stored, [])
+
+    def _write(self, frame: pd.DataFrame, scores: BatchScores, loaded, keys: list[tuple[int, datetime]]):
         """One transaction: telemetry (new samples only) and results (rows without a stream result yet).
+        keys: (device pk, aware UTC datetime) of each frame row, as the database returns them.
         Returns the mask of frame rows written (False: a stream result for that sample exists)."""
         from django.db import transaction
         from django.db.models import F
         from django.utils import timezone
 
-        from detection.choices import Trigger
         from detection.ingest.bulk import bulk_insert_columns, bulk_insert_frame
         from detection.models import AnomalyResult, PipelineRun, Telemetry
 
         run = self._run
-        keys = list(zip(frame["device_id"].tolist(), frame["timestamp"].tolist()))
-        device_ids = sorted(set(frame["device_id"].tolist()))
-        lo, hi = frame["timestamp"].min(), frame["timestamp"].max()
+        device_ids = sorted({k[0] for k in keys})
+        lo, hi = min(k[1] for k in keys), max(k[1] for k in keys)
         with transaction.atomic():
+            # By run, so that the unique (run, device, timestamp) index answers, not a scan of the fleet's
+            # pipeline results. Usually empty (no redelivery): the membership tests run only then.
+            runs = self._stream_runs()
             done = set(AnomalyResult.objects.filter(
-                fleet=self.fleet, run__trigger=Trigger.STREAM, device_id__in=device_ids,
-                timestamp__gte=lo, timestamp__lte=hi).values_list("device_id", "timestamp"))
-            done = {(d, pd.Timestamp(t)) for d, t in done}
-            written = np.array([k not in done for k in keys], dtype=bool)
+                run_id__in=runs, device_id__in=device_ids, timestamp__gte=lo, timestamp__lte=hi,
+            ).order_by().values_list("device_id", "timestamp"))
+            written = _absent(keys, done)
             if not written.any():
                 return written
             stored = set(Telemetry.objects.filter(device_id__in=device_ids, timestamp__gte=lo, timestamp__lte=hi)
                          .values_list("device_id", "timestamp"))
-            stored = {(d, pd.Timestamp(t)) for d, t in stored}
-            fresh = written & np.array([k not in stored for k in keys], dtype=bool)
+            fresh = written & _absent(keys, stored)
             if fresh.any():
                 telemetry = frame.loc[fresh, ["device_id", "timestamp", *self.metrics]]
                 telemetry.insert(0, "fleet_id", np.int64(self.fleet.pk))
@@ -628,41 +789,65 @@ class StreamConsumer:
                 finished_at=timezone.now())
         return written
 
-    def _after_commit(self, frame: pd.DataFrame, events: list[StreamEvent], *, new: np.ndarray,
+    def _stream_runs(self) -> list[int]:
+        """The fleet's stream runs (one per model version that streamed; another consumer may have
+        just created one)."""
+        from detection.choices import Trigger
+        from detection.models import PipelineRun
+
+        return list(PipelineRun.objects.filter(fleet=self.fleet, trigger=Trigger.STREAM).values_list("pk", flat=True))
+
+    def _after_commit(self, keys: list[tuple[int, datetime]], events: list[StreamEvent], *, new: np.ndarray,
                       redelivered: np.ndarray) -> None:
         """The alerts hook with the batch's anomalies, then one live push when there are new ones.
 
         Redelivered samples that are stream anomalies go to the hook again: their first delivery may
         have died between its commit and the hook, and alerts_ingest skips a (device, timestamp) that
         is already in an alert, so the hook is at least once too."""
-        from detection.choices import Trigger
-        from detection.models import AnomalyResult
-
-        rows = frame[new | redelivered]
-        pairs = set(zip(rows["device_id"].tolist(), rows["timestamp"].tolist()))
-        anomalies = [a for a in AnomalyResult.objects.filter(
-            fleet=self.fleet, run__trigger=Trigger.STREAM, label=-1, device_id__in=sorted({p[0] for p in pairs}),
-            timestamp__gte=rows["timestamp"].min(), timestamp__lte=rows["timestamp"].max(),
-        ).only("id", "label", "fleet_id", "device_id", "run_id", "timestamp", "severity")
-            if (a.device_id, pd.Timestamp(a.timestamp)) in pairs]  # more fields load on access
         try:
             from alerts.services import alerts_ingest
         except ImportError:
             alerts_ingest = None
-        if alerts_ingest is not None and anomalies:
-            try:
-                alerts_ingest(anomalies=anomalies)
-                done = time.time()
-                self.stats.alert_latencies_s.extend(
-                    max(done - entry_time(e.entry_id), 0.0) for e, is_new in zip(events, new) if is_new)
-            except Exception:  # the results are committed; an alerting failure must not stop the stream
-                logger.exception("alerts_ingest failed for %d stream anomalies of %s", len(anomalies),
-                                 self.fleet.name)
+        if alerts_ingest is not None:
+            anomalies = self._stream_anomalies({k for k, keep in zip(keys, new | redelivered) if keep})
+            if anomalies:
+                try:
+                    alerts_ingest(anomalies=anomalies)
+                    done = time.time()
+                    self.stats.alert_latencies_s.extend(
+                        max(done - entry_time(e.entry_id), 0.0) for e, is_new in zip(events, new) if is_new)
+                except Exception:  # the results are committed; an alerting failure must not stop the stream
+                    logger.exception("alerts_ingest failed for %d stream anomalies of %s", len(anomalies),
+                                     self.fleet.name)
         if self.push and new.any():
             from detection.models import PipelineRun
             from detection.push import push_run_finished
 
             push_run_finished(PipelineRun.objects.select_related("fleet").get(pk=self._run.pk))
+
+    def _stream_anomalies(self, pairs: set[tuple[int, datetime]]) -> list:
+        """The stream's AnomalyResult rows (label -1) at these (device pk, timestamp) pairs, as deferred
+        instances like .only(...) makes (other fields load on access), without a queryset's per-row
+        overhead: the alerts hook reads their pk and label."""
+        from django.db import router
+
+        from detection.choices import Label
+        from detection.models import AnomalyResult
+
+        found = AnomalyResult.objects.filter(
+            run_id__in=self._stream_runs(), label=Label.ANOMALY, device_id__in=sorted({p[0] for p in pairs}),
+            timestamp__gte=min(p[1] for p in pairs), timestamp__lte=max(p[1] for p in pairs),
+        ).order_by().values_list("pk", "run_id", "device_id", "timestamp", "severity")
+        db = router.db_for_read(AnomalyResult)
+        order = [f.attname for f in AnomalyResult._meta.concrete_fields]  # from_db reads values in this order
+        fields = sorted(["id", "label", "fleet_id", "run_id", "device_id", "timestamp", "severity"], key=order.index)
+        anomalies = []
+        for pk, run, device, ts, severity in found:
+            if (device, ts) in pairs:
+                known = {"id": pk, "label": Label.ANOMALY, "fleet_id": self.fleet.pk, "run_id": run,
+                         "device_id": device, "timestamp": ts, "severity": severity}
+                anomalies.append(AnomalyResult.from_db(db, fields, [known[f] for f in fields]))
+        return anomalies
 
     def _dead_letter(self, dead: list[tuple[str, dict, EventError]]) -> None:
         if not dead:
@@ -752,6 +937,7 @@ def stream_consume(*, fleet_name: str, consumer: str, batch: int = 500, block_ms
         raise StreamConsumerError(f"Redis at {redis_url()} is unreachable: {exc}") from None
     worker = StreamConsumer(fleet=fleet, consumer=consumer, client=client, batch=batch, block_ms=block_ms,
                             reclaim_idle_ms=reclaim_idle_ms, push=push)
+    worker.prepare()
     stats = worker.stats
     while not stop():
         handled = stats.scored + stats.duplicates + stats.dead_lettered

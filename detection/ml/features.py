@@ -157,3 +157,131 @@ def robust_center_scale(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         std = np.nanstd(x, axis=0)
     spread = np.where(spread > 0, spread, std)
     return med, np.where(np.isfinite(spread) & (spread > 0), spread, 1.0)
+
+
+def build_features_at(df: pd.DataFrame, rows, metrics: list[str], config: FeatureConfig | None = None
+                      ) -> FeatureFrame:
+    """build_features(df) for some rows of df only, reading the other rows as context.
+
+    df: as build_features (rows x (device_id, timestamp [tz-aware], cohort columns, one float column
+        per metric), sorted by device_id then timestamp). rows: positions in df (ints, any order).
+    Returns a FeatureFrame whose frame holds df's `rows`, in that order, indexed 0..len(rows)-1, with
+    the columns build_features(df) gives them, to the bit: the rolling mean / std go through the same
+    compiled pandas window kernels (Kahan-compensated sums, Welford's variance) over the same samples,
+    each device's from its first row in df, so they carry the same rounding. What it saves is
+    pandas' per-device Python overhead and the work on rows nobody asked for: a live stream keeps each
+    device's recent past as df and engineers only the new samples. Raises KeyError naming a missing
+    column, ValueError if the frame is not sorted or a row is out of range.
+    """
+    config = config or FeatureConfig()
+    missing = [c for c in ["device_id", "timestamp", *metrics] if c not in df.columns]
+    if missing:
+        raise KeyError(f"telemetry frame lacks column(s): {', '.join(missing)}")
+    df = df.reset_index(drop=True)
+    _check_sorted(df)
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    n = len(df)
+    if len(rows) and (rows.min() < 0 or rows.max() >= n):
+        raise ValueError(f"rows must be positions in the frame (0..{n - 1})")
+    raw = df[metrics].to_numpy(dtype="float64")
+    dev = df["device_id"].to_numpy()
+    ts = df["timestamp"].to_numpy(dtype="datetime64[ns]").view(np.int64)
+    first_of_device = np.r_[True, dev[1:] != dev[:-1]] if n else np.zeros(0, dtype=bool)
+    code = np.cumsum(first_of_device) - 1  # device blocks are contiguous: 0, 1, ... in df order
+    seg_start = np.flatnonzero(first_of_device)[code[rows]] if len(rows) else rows
+
+    # Rolling stats at the rows and at each one's previous sample of the same device (for m_resid).
+    has_prev = rows > seg_start
+    mean, std, at = _rolling_mean_std_at(raw, ts, code, seg_start, rows, pd.Timedelta(config.rolling_window).value)
+    roll_mean, roll_std = mean[np.searchsorted(at, rows)], std[np.searchsorted(at, rows)]
+    before = np.searchsorted(at, np.where(has_prev, rows - 1, rows))
+    prev_mean = np.where(has_prev[:, None], mean[before], np.nan)
+    prev_std = np.where(has_prev[:, None], std[before], np.nan)
+
+    # Day-over-day delta: the device's latest sample at or before t - lag, at most lag / 4 earlier
+    # (merge_asof backward with tolerance, as _lagged_delta).
+    lag = pd.Timedelta(config.delta_lag)
+    target = ts[rows] - lag.value
+    match = _block_search(code, ts, rows, target, side="right") - 1
+    ok = (match >= 0) & (code[np.maximum(match, 0)] == code[rows])
+    ok &= ts[np.maximum(match, 0)] >= target - (lag / 4).value
+    delta = np.where(ok[:, None], raw[rows] - raw[np.maximum(match, 0)], np.nan)
+
+    # Cohort median over every row of df in the same cohort and bucket (the rows' buckets only).
+    cohort_cols = [c for c in config.cohort_columns if c in df.columns]
+    bucket = df["timestamp"].dt.floor(config.cohort_bucket)
+    bucket_ns = bucket.to_numpy(dtype="datetime64[ns]").view(np.int64)
+    peers = np.flatnonzero(np.isin(bucket_ns, np.unique(bucket_ns[rows])))
+    values = pd.DataFrame(raw[peers], columns=metrics)
+    keys = [df[c].iloc[peers].reset_index(drop=True) for c in cohort_cols] + [bucket.iloc[peers].reset_index(drop=True)]
+    cohort_median = values.groupby(keys).transform("median").to_numpy()[np.searchsorted(peers, rows)]
+
+    known = dict(config.resid_scale)
+    spread = np.array([known[m] for m in metrics]) if all(m in known for m in metrics) \
+        else robust_center_scale(raw)[1]
+    x = raw[rows]
+    out: dict[str, np.ndarray] = {}
+    for j, m in enumerate(metrics):
+        out[f"{m}_roll_mean"] = roll_mean[:, j]
+        out[f"{m}_roll_std"] = roll_std[:, j]
+        out[f"{m}_delta"] = delta[:, j]
+        out[f"{m}_cohort_norm"] = x[:, j] - cohort_median[:, j]
+        denom = np.fmax(prev_std[:, j], config.resid_floor * spread[j])
+        out[f"{m}_resid"] = (x[:, j] - prev_mean[:, j]) / denom
+
+    base = df.iloc[rows].reset_index(drop=True)
+    frame = pd.concat([base, pd.DataFrame(out, index=base.index)], axis=1)
+    model_features = [f"{m}{s}" for m in metrics for s in MODEL_SUFFIXES]
+    resid_features = [f"{m}_resid" for m in metrics]
+    feature_metric = {f"{m}{s}": m for m in metrics for s in (*MODEL_SUFFIXES, "_resid")}
+    return FeatureFrame(frame, model_features, resid_features, feature_metric)
+
+
+def _block_search(code: np.ndarray, ts: np.ndarray, at: np.ndarray, t: np.ndarray, *, side: str) -> np.ndarray:
+    """np.searchsorted of times t within the device block of each row `at` (code: the rows' device
+    block, contiguous and ascending; ts sorted within a block): positions in the whole array."""
+    if not len(at):
+        return np.zeros(0, dtype=np.int64)
+    # Rank times so that (block, rank) packs into one sorted int64 key.
+    times = np.unique(np.r_[ts, t])
+    width = len(times) + 1
+    key = code * width + np.searchsorted(times, ts)
+    return np.searchsorted(key, code[at] * width + np.searchsorted(times, t), side=side)
+
+
+def _rolling_mean_std_at(raw: np.ndarray, ts: np.ndarray, code: np.ndarray, seg_start: np.ndarray,
+                         rows: np.ndarray, window_ns: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Time-based rolling mean and std (ddof 1, min_periods 1, window (t - window, t]) at `rows` and
+    at the sample before each: returns (mean, std, at), mean and std len(at) x metrics for the sorted
+    positions `at`.
+
+    As pandas' groupby(device).rolling(...) computes them: its compiled kernels (roll_mean, roll_var)
+    keep running sums along a device's samples from its first one, so their rounding depends on where
+    the device starts; each device's span is therefore run from its first row in the frame up to its
+    last row asked for. All spans and columns go through one call per kernel: a window that shares
+    nothing with the one before restarts the running sums, as at a device's first sample in pandas."""
+    from pandas._libs.window.aggregations import roll_mean, roll_var
+
+    m = raw.shape[1]
+    if not len(rows):
+        return np.zeros((0, m)), np.zeros((0, m)), rows
+    upto = pd.Series(rows).groupby(seg_start).max()  # per device span: first row -> last row asked
+    first, last = upto.index.to_numpy(dtype=np.int64), upto.to_numpy(dtype=np.int64)
+    lengths = last - first + 1
+    offset = np.cumsum(lengths) - lengths  # where each span starts in the compacted array
+    idx = np.repeat(first - offset, lengths) + np.arange(lengths.sum())  # compacted -> frame row
+    total = len(idx)
+    start = _block_search(code[idx], ts[idx], np.arange(total), ts[idx] - window_ns, side="right")
+    end = np.arange(1, total + 1, dtype=np.int64)
+    window = raw[idx]
+    column = np.where(np.isinf(window), np.nan, window).T.ravel()  # pandas' _prep_values: inf -> NaN
+    shift = (np.arange(m, dtype=np.int64) * total)[:, None]
+    start_all = (start.astype(np.int64)[None, :] + shift).ravel()
+    end_all = (end[None, :] + shift).ravel()
+    mean = roll_mean(column, start_all, end_all, 1).reshape(m, total).T
+    var = roll_var(column, start_all, end_all, 1, ddof=1).reshape(m, total).T
+    with np.errstate(invalid="ignore"):
+        std = np.where(var < 0, 0.0, np.sqrt(var))  # pandas' zsqrt
+    at = np.unique(np.r_[rows, np.where(rows > seg_start, rows - 1, rows)])
+    pos = np.searchsorted(idx, at)
+    return mean[pos], std[pos], at

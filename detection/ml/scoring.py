@@ -10,6 +10,7 @@ typical value (the baseline median at the level that applied after fall-back) an
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -148,21 +149,36 @@ def top_metrics(rows: pd.DataFrame, *, features: list[str], feature_metric: dict
         best_col[:, j] = pick
         best_abs[:, j] = absz[np.arange(len(rows)), pick]
     order = np.argsort(-best_abs, axis=1)[:, :top_k]
+    # The entries' values gathered as arrays, then turned into Python objects a column at a time: the
+    # same numbers as _num / str per value, without numpy scalar overhead per entry (a stream batch
+    # explains thousands of anomalies).
+    r_idx = np.arange(len(rows))[:, None]
+    col = best_col[r_idx, order]
+    keep = (best_abs[r_idx, order] >= 0).tolist()
+    kinds = [feature_kind(f, feature_metric.get(f, f)) for f in features]  # c's metric is metrics[j]
+    domains = [metric_domain.get(m, "other") for m in metrics]
+    value, typical, mad_, z_ = (_nums(a[r_idx, col]) for a in (x, median, mad, z))
+    level = [[str(u) for u in r] for r in used[r_idx, col].tolist()]
+    col, order = col.tolist(), order.tolist()
     out = []
     for r in range(len(rows)):
         entries = []
-        for j in order[r]:
-            c = best_col[r, j]
-            if best_abs[r, j] < 0:
+        for k, j in enumerate(order[r]):
+            if not keep[r][k]:
                 continue
+            c = col[r][k]
             entries.append({
-                "metric": metrics[j], "feature": features[c], "kind": feature_kind(features[c], metrics[j]),
-                "domain": metric_domain.get(metrics[j], "other"),
-                "value": _num(x[r, c]), "typical": _num(median[r, c]), "mad": _num(mad[r, c]),
-                "z": _num(z[r, c]), "level": str(used[r, c]),
+                "metric": metrics[j], "feature": features[c], "kind": kinds[c], "domain": domains[j],
+                "value": value[r][k], "typical": typical[r][k], "mad": mad_[r][k], "z": z_[r][k],
+                "level": level[r][k],
             })
         out.append(entries)
     return out
+
+
+def _nums(a: np.ndarray) -> list[list[float | None]]:
+    """_num of every value of a 2-D array, as nested lists."""
+    return [[round(v, 4) if math.isfinite(v) else None for v in r] for r in np.asarray(a, dtype="float64").tolist()]
 
 
 def _num(v: float) -> float | None:
