@@ -136,7 +136,11 @@ def _database_from_url(url: str) -> dict:
         config["OPTIONS"] = {"init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; "
                                              "PRAGMA cache_size=-262144;",  # 256 MiB page cache
                              "transaction_mode": "IMMEDIATE", "timeout": 30}
-        config["CONN_MAX_AGE"] = 0
+        # Each SQLite connection starts with a cold 256 MiB page cache and runs the PRAGMAs above, so
+        # a connection per request cost /api/v1/detect a quarter of its CPU under gunicorn, which sets
+        # DB_CONN_MAX_AGE (docker/gunicorn.conf.py). Daphne keeps the default 0: Django advises
+        # against persistent connections under ASGI.
+        config["CONN_MAX_AGE"] = envint("DB_CONN_MAX_AGE", 0)
     return config
 
 

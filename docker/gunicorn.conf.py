@@ -8,6 +8,11 @@ only queue inside the GIL), GUNICORN_TIMEOUT (seconds, default 60).
 import multiprocessing
 import os
 
+# Persistent database connections (one per worker thread), also for the embedded SQLite database,
+# whose settings default to a connection per request (as ASGI needs). Read by anomaly_project.settings,
+# which gunicorn loads after this file.
+os.environ.setdefault("DB_CONN_MAX_AGE", "60")
+
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", multiprocessing.cpu_count()))
 worker_class = "gthread"  # keep-alive connections; sync workers close every connection
@@ -36,3 +41,10 @@ def post_worker_init(worker):
         except ServingError:
             continue
     worker.log.info("serving cache warmed: %s", ", ".join(warmed) or "no production models")
+    # Everything loaded so far (Django, the models' arrays and objects) lives as long as the worker:
+    # move it out of the collector's generations, so a full collection does not walk it again and
+    # again in the middle of requests (gc.freeze, as Instagram's Django servers do).
+    import gc
+
+    gc.collect()
+    gc.freeze()

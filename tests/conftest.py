@@ -84,9 +84,13 @@ def outsider(db):
 
 @pytest.fixture(autouse=True)
 def _fresh_token_cache():
-    """Each test starts with no verified API token remembered (detection.api.authentication)."""
+    """Each test starts with no verified API token, fleet or model remembered by this process
+    (detection.api.authentication, detection.serving)."""
     from detection.api.authentication import token_cache_clear
+    from detection.serving import model_cache_clear
 
     token_cache_clear()
+    model_cache_clear()
     yield
     token_cache_clear()
+    model_cache_clear()

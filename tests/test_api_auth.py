@@ -73,3 +73,19 @@ def test_requests_get_their_own_copy_of_the_cached_user(settings):
     first.marker = "set by a view"
     second, same_token = auth.authenticate_credentials(token.key)
     assert second.pk == first.pk and same_token == token and not hasattr(second, "marker")
+
+
+def test_scoring_reads_a_fleet_once_and_forgets_it_when_it_is_saved():
+    from detection import serving
+
+    fleet = FleetFactory(name="demo")
+    with CaptureQueriesContext(connection) as queries:
+        assert serving.fleets_by_name(["demo", "nope"])["demo"].pk == fleet.pk
+    assert sum("detection_fleet" in q["sql"] for q in queries.captured_queries) == 1
+    with CaptureQueriesContext(connection) as queries:
+        assert set(serving.fleets_by_name(["demo"])) == {"demo"}
+    assert not queries.captured_queries
+    fleet.name = "renamed"
+    fleet.save()
+    assert serving.fleets_by_name(["demo"]) == {}  # not served under its old name
+    assert serving.fleets_by_name(["renamed"])["renamed"].pk == fleet.pk

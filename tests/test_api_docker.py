@@ -112,11 +112,12 @@ def test_nginx_sends_websockets_to_daphne_and_the_rest_to_gunicorn():
 def test_gunicorn_config_loads_with_the_documented_defaults(monkeypatch):
     import runpy
 
-    for name in ("PORT", "WEB_CONCURRENCY", "GUNICORN_THREADS", "GUNICORN_TIMEOUT"):
+    for name in ("PORT", "WEB_CONCURRENCY", "GUNICORN_THREADS", "GUNICORN_TIMEOUT", "DB_CONN_MAX_AGE"):
         monkeypatch.delenv(name, raising=False)
     config = runpy.run_path(str(DOCKER / "gunicorn.conf.py"))
     assert config["bind"] == "0.0.0.0:8000" and config["worker_class"] == "gthread"
     assert config["workers"] == os.cpu_count() and config["threads"] == 1
+    assert os.environ["DB_CONN_MAX_AGE"] == "60"  # persistent connections under gunicorn (undone after the test)
     monkeypatch.setenv("WEB_CONCURRENCY", "3")
     assert runpy.run_path(str(DOCKER / "gunicorn.conf.py"))["workers"] == 3
 

@@ -213,6 +213,23 @@ def test_user_rate_limit_answers_429_with_retry_after(rates):
     assert _client("viewer", "other").get("/api/v1/fleets/").status_code == 200  # per user
 
 
+def test_rate_limits_keep_one_counter_per_client_not_a_list_of_request_times(rates):
+    """Each request costs one increment, whatever the rate (DRF's throttles rewrite a list of every
+    request time in the period); the period starts at the client's first request."""
+    rates.REST_FRAMEWORK = {**rates.REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": {
+        **rates.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"], "user": "5/hour"}}
+    user = user_with_role("counted", "viewer")
+    client = APIClient()
+    client.force_authenticate(user)
+    for _ in range(3):
+        assert client.get("/api/v1/fleets/").status_code == 200
+    assert cache.get(f"throttle_user_{user.pk}:n") == 3
+    for _ in range(2):
+        client.get("/api/v1/fleets/")
+    refused = client.get("/api/v1/fleets/")
+    assert refused.status_code == 429 and 3500 < int(refused["Retry-After"]) <= 3600
+
+
 def test_token_rate_limit_counts_each_token_on_its_own(rates):
     rates.REST_FRAMEWORK = {**rates.REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": {
         **rates.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"], "token": "2/min"}}

@@ -107,7 +107,7 @@ class ReadinessView(_Open):
 def _detect(observations: list[dict], *, batch: bool) -> list[dict]:
     """Score validated observations (grouped by fleet), mapping serving errors to the request's fields."""
     names = {o["fleet"] for o in observations}
-    fleets = {f.name: f for f in Fleet.objects.filter(name__in=names)}
+    fleets = serving.fleets_by_name(names)
     for i, o in enumerate(observations):
         if o["fleet"] not in fleets:
             _raise(serving.ServingError(f"unknown fleet {o['fleet']!r}", field="fleet", index=i), batch=batch)
