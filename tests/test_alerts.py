@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import random
 import threading
+from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
@@ -13,7 +15,7 @@ from django.utils import timezone
 
 from alerts import notifiers, services
 from alerts.choices import AlertScope, AlertStatus, DeliveryKind, DeliveryStatus
-from alerts.models import Alert, AlertDelivery, AlertRule
+from alerts.models import Alert, AlertAnomaly, AlertDelivery, AlertRule
 from detection.choices import Label, Severity, Verdict
 from detection.models import AuditEvent
 from detection.services import feedback_give
@@ -119,6 +121,97 @@ def test_few_devices_of_a_cohort_stay_device_alerts(world, settings):
     devices = DeviceFactory.create_batch(4, fleet=fleet)
     alerts = services.alerts_ingest(anomalies=[anomaly(d, 0) for d in devices])
     assert len(alerts) == 4 and {a.scope for a in alerts} == {AlertScope.DEVICE}
+
+
+def test_a_large_batch_groups_as_worked_out_by_hand(world, settings):
+    """One shuffled batch of 218 results over four cohorts, on top of an earlier batch's alerts: which
+    alert each anomaly joins, each alert's counts, severity, title and timeline, and routing."""
+    settings.VIGIL_ALERTS = {**settings.VIGIL_ALERTS, "dedup_window_minutes": 60, "cohort_min_devices": 3}
+    fleet, anomaly = world
+
+    def devices(n, manufacturer, model, stores=("",)):
+        return [DeviceFactory(fleet=fleet, manufacturer=manufacturer, model=model, os_version="14",
+                              store=stores[i % len(stores)]) for i in range(n)]
+    a = devices(4, "Samsung", "S21", stores=("s1", "s1", "s2", ""))
+    b = devices(2, "Zebra", "TC52")
+    c = devices(3, "Honeywell", "CT40")
+    d = devices(40, "Apple", "iPad", stores=[f"store-{i}" for i in range(8)])
+    # the earlier batch: b[1]'s battery (medium) and thermal device alerts, cohort C's alert
+    p1, p2 = [anomaly(b[1], -20, severity=Severity.MEDIUM)], [anomaly(b[1], -5, domain="thermal")]
+    p3 = [anomaly(device, -30) for device in c]
+    services.alerts_ingest(anomalies=p1 + p2 + p3)
+    P1, P2, P3 = (AlertAnomaly.objects.get(anomaly=rows[0]).alert for rows in (p1, p2, p3))
+    assert (P1.scope, P2.scope, P3.scope) == (AlertScope.DEVICE, AlertScope.DEVICE, AlertScope.COHORT)
+    Alert.objects.filter(pk=P2.pk).update(status=AlertStatus.RESOLVED)
+    email_rule(fleet)  # min severity high
+
+    groups = {  # name -> (anomalies of this batch, anomalies it already had)
+        # 4 devices within one window: a cohort alert; a[0] at 50 is critical
+        "A": ([anomaly(device, 5 * i) for i, device in enumerate(a)]
+              + [anomaly(a[0], 50, severity=Severity.CRITICAL)], []),
+        # 2 devices of A 150 minutes after its alert: too few for a cohort, too late to join it
+        "a0 battery": ([anomaly(a[0], 200)], []),
+        "a1 battery": ([anomaly(a[1], 210)], []),
+        # 40 devices x 5 within one window, then 2 stragglers within the window of its last_seen (40)
+        "D": ([anomaly(device, m) for device in d for m in (0, 10, 20, 30, 40)]
+              + [anomaly(device, 70) for device in d[:2]], []),
+        # cohort B has 2 devices: device alerts by domain and window
+        "b0 battery": ([anomaly(b[0], 0), anomaly(b[0], 30)], []),
+        "b0 battery later": ([anomaly(b[0], 100)], []),  # 70 minutes after 30
+        "b0 thermal": ([anomaly(b[0], 5, domain="thermal")], []),
+        "P1": ([anomaly(b[1], 10)], p1),  # joins the earlier alert (last_seen -20) and escalates it
+        "b1 thermal": ([anomaly(b[1], 20, domain="thermal")], []),  # P2 is resolved: a new alert
+        "P3": ([anomaly(c[0], 20)], p3),  # one device joins the earlier cohort alert (last_seen -30)
+    }
+    rescored = AnomalyResultFactory(run=PipelineRunFactory(fleet=fleet), model_version=p3[1].model_version,
+                                    device=c[1], timestamp=p3[1].timestamp, top_metrics=metrics("battery"))
+    normal = anomaly(a[2], 30, label=Label.NORMAL)
+    batch = [row for rows, _ in groups.values() for row in rows] + [rescored, normal]
+    random.Random(8).shuffle(batch)
+    assert len(batch) == 218
+
+    touched = services.alerts_ingest(anomalies=batch)
+
+    members = defaultdict(set)
+    for alert_id, anomaly_id in AlertAnomaly.objects.values_list("alert_id", "anomaly_id"):
+        members[alert_id].add(anomaly_id)
+    alert_of = {name: AlertAnomaly.objects.get(anomaly=rows[0]).alert for name, (rows, _) in groups.items()}
+    for name, (rows, before) in groups.items():
+        assert members[alert_of[name].pk] == {r.pk for r in rows + before}, name
+    assert (alert_of["P1"].pk, alert_of["P3"].pk) == (P1.pk, P3.pk)
+    assert len({alert.pk for alert in alert_of.values()}) == len(groups) == len(touched)
+    assert {alert.pk for alert in touched} == {alert.pk for alert in alert_of.values()}
+    assert Alert.objects.count() == 3 + len(groups) - 2
+    assert not AlertAnomaly.objects.filter(anomaly__in=[rescored, normal]).exists()
+    assert [(x.last_seen, x.pk) for x in touched] == sorted(((x.last_seen, x.pk) for x in touched), reverse=True)
+
+    def facts(name):
+        x = Alert.objects.get(pk=alert_of[name].pk)
+        return (x.scope, x.count, x.device_count, x.store_count, x.severity, x.first_seen, x.last_seen, x.title,
+                x.domain, [e.kind for e in x.events.all()])
+    at = lambda minute: T0 + dt.timedelta(minutes=minute)
+    cohort, device = AlertScope.COHORT, AlertScope.DEVICE
+    new, crit, high = ["opened", "notified"], Severity.CRITICAL, Severity.HIGH
+    assert facts("A") == (cohort, 5, 4, 2, crit, at(0), at(50),
+                          "4 Samsung S21 devices on 14 in 2 stores", "", new)
+    assert facts("D") == (cohort, 202, 40, 8, high, at(0), at(70), "40 Apple iPad devices on 14 in 8 stores",
+                          "", new)
+    assert facts("P3") == (cohort, 4, 3, 0, high, at(-30), at(20), "3 Honeywell CT40 devices on 14", "",
+                           ["opened", "grew"])
+    b0, b1 = b[0].external_id, b[1].external_id
+    assert facts("b0 battery") == (device, 2, 1, 0, high, at(0), at(30), f"Battery anomalies on {b0}",
+                                   "battery", new)
+    assert facts("b0 battery later")[1:] == (1, 1, 0, high, at(100), at(100), f"Battery anomalies on {b0}",
+                                             "battery", new)
+    assert facts("b0 thermal")[7:] == (f"Thermal anomalies on {b0}", "thermal", new)
+    assert facts("b1 thermal")[7:] == (f"Thermal anomalies on {b1}", "thermal", new)
+    assert facts("a0 battery")[7:] == (f"Battery anomalies on {a[0].external_id}", "battery", new)
+    assert facts("P1") == (device, 2, 1, 0, high, at(-20), at(10), f"Battery anomalies on {b1}", "battery",
+                           ["opened", "grew", "escalated", "notified"])
+    assert Alert.objects.get(pk=alert_of["b0 thermal"].pk).cohort == {
+        "manufacturer": "Zebra", "model": "TC52", "os_version": "14"}
+    assert AlertDelivery.objects.filter(kind=DeliveryKind.SINGLE, status=DeliveryStatus.SENT).count() == 9
+    assert services.alerts_ingest(anomalies=batch) == []  # all of it is in alerts now
 
 
 # --- routing, budget, digest -------------------------------------------------------------------------
