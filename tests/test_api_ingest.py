@@ -263,3 +263,32 @@ def test_result_filters_refuse_or_normalise_out_of_range_values():
     response = client.get("/api/v1/anomalies/?timestamp_after=2000-01-01T00:00:00-18:58")
     assert response.status_code == 200 and response.json()["count"] == 1
     assert anomaly.timestamp.year > 2000
+
+
+def test_rate_limits_count_in_redis_with_one_key_per_client_and_period(settings):
+    """Production counts in Redis (one pipelined SET NX + INCR per limit); needs Redis on 127.0.0.1."""
+    import os
+
+    import redis
+
+    url = "redis://127.0.0.1:6379/7"
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        (pytest.fail if os.environ.get("CI", "").lower() in ("1", "true") else pytest.skip)(f"no Redis: {exc}")
+    client.flushdb()
+    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": url}}
+    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "DEFAULT_THROTTLE_RATES": {
+        **settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"], "user": "3/hour"}}
+    user = user_with_role("redis-counted", "viewer")
+    api = APIClient()
+    api.force_authenticate(user)
+    try:
+        assert [api.get("/api/v1/fleets/").status_code for _ in range(4)] == [200, 200, 200, 429]
+        key = f"vigil:throttle:throttle_user_{user.pk}"
+        assert int(client.get(key)) == 4 and 3500 < client.ttl(key) <= 3600
+        refused = api.get("/api/v1/fleets/")
+        assert refused.status_code == 429 and 3500 < int(refused["Retry-After"]) <= 3600
+    finally:
+        client.flushdb()

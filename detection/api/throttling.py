@@ -14,12 +14,41 @@ which costs in proportion to the rate: at 300 requests/s under a raised limit th
 largest single cost of a /api/v1/detect call. The counter is O(1); the difference is that a period
 starts at the first request rather than sliding (a client can send up to the limit, wait for the
 period to end, and send the limit again).
+
+When the default cache is Redis (production), the counter is one pipelined round trip on a client of
+this module's own (SET key 0 EX period NX; INCR key): Django's RedisCache spent three round trips
+(add, then EXISTS and INCRBY for incr) and built a client object for each, which made the three
+limits 40 % of a /api/v1/detect call on PostgreSQL + Redis.
 """
 from __future__ import annotations
 
+import threading
+
+from django.conf import settings
 from rest_framework.authtoken.models import Token
 from rest_framework.settings import api_settings
 from rest_framework.throttling import ScopedRateThrottle, SimpleRateThrottle, UserRateThrottle
+
+
+REDIS_KEY_PREFIX = "vigil:throttle:"
+_clients: dict[str, object] = {}
+_clients_lock = threading.Lock()
+
+
+def _redis_client():
+    """A redis-py client on the default cache's Redis (its first LOCATION), or None for another backend."""
+    cache = settings.CACHES.get("default", {})
+    if not cache.get("BACKEND", "").endswith("RedisCache"):
+        return None
+    location = cache["LOCATION"]
+    location = location[0] if isinstance(location, (list, tuple)) else str(location).split(",")[0]
+    client = _clients.get(location)
+    if client is None:
+        import redis
+
+        with _clients_lock:
+            client = _clients.setdefault(location, redis.Redis.from_url(location))
+    return client
 
 
 class _LiveRates:
@@ -42,6 +71,9 @@ class _LiveRates:
         self.key = self.get_cache_key(request, view)
         if self.key is None:
             return True
+        client = _redis_client()
+        if client is not None:
+            return self._allow_redis(client)
         now = self.timer()
         count_key, start_key = f"{self.key}:n", f"{self.key}:t0"
         if self.cache.add(count_key, 0, self.duration):  # a new period starts with this request
@@ -56,6 +88,18 @@ class _LiveRates:
             return True
         started = self.cache.get(start_key, now)
         self._wait = max(self.duration - (now - started), 1.0)
+        return False
+
+    def _allow_redis(self, client) -> bool:
+        key = f"{REDIS_KEY_PREFIX}{self.key}"
+        pipe = client.pipeline(transaction=False)
+        pipe.set(key, 0, ex=self.duration, nx=True)  # a new period starts with this request
+        pipe.incr(key)
+        _, count = pipe.execute()
+        if count <= self.num_requests:
+            return True
+        ttl = client.ttl(key)  # only for a refused request: Retry-After
+        self._wait = float(ttl) if ttl and ttl > 0 else float(self.duration)
         return False
 
     def wait(self):
