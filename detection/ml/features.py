@@ -101,18 +101,30 @@ def build_features(df: pd.DataFrame, metrics: list[str], config: FeatureConfig |
     cohort_median = values.groupby([*(df[c] for c in cohort_cols), bucket]).transform("median").to_numpy()
 
     raw = values.to_numpy()
+    out.update(_engineered(metrics, config, raw, raw, roll_mean, roll_std, delta, cohort_median, prev_mean, prev_std))
+    return _feature_frame(df, out, metrics)
+
+
+def _engineered(metrics, config, raw_all, x, roll_mean, roll_std, delta, cohort_median, prev_mean, prev_std
+                ) -> dict[str, np.ndarray]:
+    """The engineered columns of rows x (rows x metrics) from their window statistics; the resid floor's
+    spread comes from config.resid_scale, else from raw_all (every row of the frame)."""
     known = dict(config.resid_scale)
     spread = np.array([known[m] for m in metrics]) if all(m in known for m in metrics) \
-        else robust_center_scale(raw)[1]
+        else robust_center_scale(raw_all)[1]
+    out: dict[str, np.ndarray] = {}
     for j, m in enumerate(metrics):
         out[f"{m}_roll_mean"] = roll_mean[:, j]
         out[f"{m}_roll_std"] = roll_std[:, j]
         out[f"{m}_delta"] = delta[:, j]
-        out[f"{m}_cohort_norm"] = raw[:, j] - cohort_median[:, j]
+        out[f"{m}_cohort_norm"] = x[:, j] - cohort_median[:, j]
         denom = np.fmax(prev_std[:, j], config.resid_floor * spread[j])
-        out[f"{m}_resid"] = (raw[:, j] - prev_mean[:, j]) / denom
+        out[f"{m}_resid"] = (x[:, j] - prev_mean[:, j]) / denom
+    return out
 
-    frame = pd.concat([df, pd.DataFrame(out, index=df.index)], axis=1)
+
+def _feature_frame(base: pd.DataFrame, out: dict[str, np.ndarray], metrics: list[str]) -> FeatureFrame:
+    frame = pd.concat([base, pd.DataFrame(out, index=base.index)], axis=1)
     model_features = [f"{m}{s}" for m in metrics for s in MODEL_SUFFIXES]
     resid_features = [f"{m}_resid" for m in metrics]
     feature_metric = {f"{m}{s}": m for m in metrics for s in (*MODEL_SUFFIXES, "_resid")}
@@ -216,25 +228,8 @@ def build_features_at(df: pd.DataFrame, rows, metrics: list[str], config: Featur
     keys = [df[c].iloc[peers].reset_index(drop=True) for c in cohort_cols] + [bucket.iloc[peers].reset_index(drop=True)]
     cohort_median = values.groupby(keys).transform("median").to_numpy()[np.searchsorted(peers, rows)]
 
-    known = dict(config.resid_scale)
-    spread = np.array([known[m] for m in metrics]) if all(m in known for m in metrics) \
-        else robust_center_scale(raw)[1]
-    x = raw[rows]
-    out: dict[str, np.ndarray] = {}
-    for j, m in enumerate(metrics):
-        out[f"{m}_roll_mean"] = roll_mean[:, j]
-        out[f"{m}_roll_std"] = roll_std[:, j]
-        out[f"{m}_delta"] = delta[:, j]
-        out[f"{m}_cohort_norm"] = x[:, j] - cohort_median[:, j]
-        denom = np.fmax(prev_std[:, j], config.resid_floor * spread[j])
-        out[f"{m}_resid"] = (x[:, j] - prev_mean[:, j]) / denom
-
-    base = df.iloc[rows].reset_index(drop=True)
-    frame = pd.concat([base, pd.DataFrame(out, index=base.index)], axis=1)
-    model_features = [f"{m}{s}" for m in metrics for s in MODEL_SUFFIXES]
-    resid_features = [f"{m}_resid" for m in metrics]
-    feature_metric = {f"{m}{s}": m for m in metrics for s in (*MODEL_SUFFIXES, "_resid")}
-    return FeatureFrame(frame, model_features, resid_features, feature_metric)
+    out = _engineered(metrics, config, raw, raw[rows], roll_mean, roll_std, delta, cohort_median, prev_mean, prev_std)
+    return _feature_frame(df.iloc[rows].reset_index(drop=True), out, metrics)
 
 
 def _block_search(code: np.ndarray, ts: np.ndarray, at: np.ndarray, t: np.ndarray, *, side: str) -> np.ndarray:
