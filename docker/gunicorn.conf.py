@@ -13,13 +13,14 @@ import os
 # which gunicorn loads after this file.
 os.environ.setdefault("DB_CONN_MAX_AGE", "60")
 
-bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
-workers = int(os.environ.get("WEB_CONCURRENCY", multiprocessing.cpu_count()))
+# An empty variable (a blank line in .env) counts as unset.
+bind = f"0.0.0.0:{os.environ.get('PORT') or '8000'}"
+workers = int(os.environ.get("WEB_CONCURRENCY") or multiprocessing.cpu_count())
 worker_class = "gthread"  # keep-alive connections; sync workers close every connection
-threads = int(os.environ.get("GUNICORN_THREADS", "1"))
+threads = int(os.environ.get("GUNICORN_THREADS") or 1)
 keepalive = 30
 backlog = 2048
-timeout = int(os.environ.get("GUNICORN_TIMEOUT", "60"))
+timeout = int(os.environ.get("GUNICORN_TIMEOUT") or 60)
 graceful_timeout = 30
 accesslog = None
 errorlog = "-"
