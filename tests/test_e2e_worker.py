@@ -62,6 +62,13 @@ def services_up():
     client.flushdb()
 
 
+def _forget_result_backend(app) -> None:
+    """Drop the app's cached result backend (Celery keeps it on _backend_cache, or per thread), so the
+    next use builds it from the current result_backend setting."""
+    app._backend_cache = None
+    app._local.__dict__.pop("backend", None)
+
+
 @pytest.fixture
 def stack(services_up, settings, tmp_path):
     """Point this process's Celery producer and channel layer at Redis db 6; yield a worker factory."""
@@ -73,6 +80,9 @@ def stack(services_up, settings, tmp_path):
     saved = {k: app.conf[k] for k in ("broker_url", "result_backend", "task_always_eager")}
     app.conf.update(broker_url=REDIS_URL, result_backend=REDIS_URL, task_always_eager=False)
     app._pool = app.amqp._producer_pool = None  # built for the in-memory broker, if an earlier test sent
+    # and the result backend, if an earlier test built the in-memory one (an eager chord's .get()): a
+    # chord's size must be stored where the workers count its parts, in Redis.
+    _forget_result_backend(app)
     settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer",
                                            "CONFIG": {"hosts": [REDIS_URL]}}}
     workers: list[subprocess.Popen] = []
@@ -108,6 +118,7 @@ def stack(services_up, settings, tmp_path):
                 worker.kill()
     app.conf.update(saved)
     app._pool = app.amqp._producer_pool = None
+    _forget_result_backend(app)
 
 
 @pytest.fixture
