@@ -73,11 +73,7 @@ def build_features(df: pd.DataFrame, metrics: list[str], config: FeatureConfig |
     Raises KeyError naming a missing column, ValueError if the frame is not sorted.
     """
     config = config or FeatureConfig()
-    missing = [c for c in ["device_id", "timestamp", *metrics] if c not in df.columns]
-    if missing:
-        raise KeyError(f"telemetry frame lacks column(s): {', '.join(missing)}")
-    df = df.reset_index(drop=True)
-    _check_sorted(df)
+    df = _checked_frame(df, metrics)
     values = df[metrics].astype("float64")
     out: dict[str, np.ndarray] = {}
 
@@ -138,6 +134,16 @@ def resid_scales(df: pd.DataFrame, metrics: list[str]) -> tuple[tuple[str, float
     return tuple((m, float(v)) for m, v in zip(metrics, spread))
 
 
+def _checked_frame(df: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """df with a fresh 0..n-1 index; KeyError naming missing columns, ValueError if it is not sorted."""
+    missing = [c for c in ["device_id", "timestamp", *metrics] if c not in df.columns]
+    if missing:
+        raise KeyError(f"telemetry frame lacks column(s): {', '.join(missing)}")
+    df = df.reset_index(drop=True)
+    _check_sorted(df)
+    return df
+
+
 def _check_sorted(df: pd.DataFrame) -> None:
     dev = df["device_id"].to_numpy()
     ts = df["timestamp"].to_numpy(dtype="datetime64[ns]")
@@ -186,11 +192,7 @@ def build_features_at(df: pd.DataFrame, rows, metrics: list[str], config: Featur
     column, ValueError if the frame is not sorted or a row is out of range.
     """
     config = config or FeatureConfig()
-    missing = [c for c in ["device_id", "timestamp", *metrics] if c not in df.columns]
-    if missing:
-        raise KeyError(f"telemetry frame lacks column(s): {', '.join(missing)}")
-    df = df.reset_index(drop=True)
-    _check_sorted(df)
+    df = _checked_frame(df, metrics)
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
     n = len(df)
     if len(rows) and (rows.min() < 0 or rows.max() >= n):
@@ -244,6 +246,31 @@ def _block_search(code: np.ndarray, ts: np.ndarray, at: np.ndarray, t: np.ndarra
     return np.searchsorted(key, code[at] * width + np.searchsorted(times, t), side=side)
 
 
+def window_mean_std(window: np.ndarray, start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std (ddof 1, min_periods 1) of window[start[i]:i + 1] for each row i of window (rows x
+    columns, float64); returns two rows x columns arrays.
+
+    Through pandas' own compiled kernels (pandas._libs.window.aggregations.roll_mean / roll_var, what
+    DataFrame.rolling calls), so the values carry pandas' rounding to the bit. Every column goes
+    through one call per kernel: the columns one after the other, each window shifted into its
+    column's stretch. The kernels keep running sums and restart them only where a window shares
+    nothing with the one before, so the caller lays out each device's samples from its first one,
+    as pandas' grouped rolling sees them. inf counts as missing, as in pandas (_prep_values).
+    """
+    from pandas._libs.window.aggregations import roll_mean, roll_var
+
+    total, m = window.shape
+    column = np.where(np.isinf(window), np.nan, window).T.ravel()
+    shift = (np.arange(m, dtype=np.int64) * total)[:, None]
+    start_all = (np.asarray(start, dtype=np.int64)[None, :] + shift).ravel()
+    end_all = (np.arange(1, total + 1, dtype=np.int64)[None, :] + shift).ravel()
+    mean = roll_mean(column, start_all, end_all, 1).reshape(m, total).T
+    var = roll_var(column, start_all, end_all, 1, ddof=1).reshape(m, total).T
+    with np.errstate(invalid="ignore"):
+        std = np.where(var < 0, 0.0, np.sqrt(var))  # pandas' zsqrt
+    return mean, std
+
+
 def _rolling_mean_std_at(raw: np.ndarray, ts: np.ndarray, code: np.ndarray, seg_start: np.ndarray,
                          rows: np.ndarray, window_ns: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Time-based rolling mean and std (ddof 1, min_periods 1, window (t - window, t]) at `rows` and
@@ -255,8 +282,6 @@ def _rolling_mean_std_at(raw: np.ndarray, ts: np.ndarray, code: np.ndarray, seg_
     the device starts; each device's span is therefore run from its first row in the frame up to its
     last row asked for. All spans and columns go through one call per kernel: a window that shares
     nothing with the one before restarts the running sums, as at a device's first sample in pandas."""
-    from pandas._libs.window.aggregations import roll_mean, roll_var
-
     m = raw.shape[1]
     if not len(rows):
         return np.zeros((0, m)), np.zeros((0, m)), rows
@@ -267,16 +292,7 @@ def _rolling_mean_std_at(raw: np.ndarray, ts: np.ndarray, code: np.ndarray, seg_
     idx = np.repeat(first - offset, lengths) + np.arange(lengths.sum())  # compacted -> frame row
     total = len(idx)
     start = _block_search(code[idx], ts[idx], np.arange(total), ts[idx] - window_ns, side="right")
-    end = np.arange(1, total + 1, dtype=np.int64)
-    window = raw[idx]
-    column = np.where(np.isinf(window), np.nan, window).T.ravel()  # pandas' _prep_values: inf -> NaN
-    shift = (np.arange(m, dtype=np.int64) * total)[:, None]
-    start_all = (start.astype(np.int64)[None, :] + shift).ravel()
-    end_all = (end[None, :] + shift).ravel()
-    mean = roll_mean(column, start_all, end_all, 1).reshape(m, total).T
-    var = roll_var(column, start_all, end_all, 1, ddof=1).reshape(m, total).T
-    with np.errstate(invalid="ignore"):
-        std = np.where(var < 0, 0.0, np.sqrt(var))  # pandas' zsqrt
+    mean, std = window_mean_std(raw[idx], start)
     at = np.unique(np.r_[rows, np.where(rows > seg_start, rows - 1, rows)])
     pos = np.searchsorted(idx, at)
     return mean[pos], std[pos], at

@@ -36,7 +36,7 @@ import pandas as pd
 
 from baselines.engine import MAD_TO_SIGMA, PARENT
 
-from .features import FeatureConfig, feature_kind
+from .features import FeatureConfig, feature_kind, window_mean_std
 from .scoring import COHORT_COLUMNS, ScoreResult, _num, severity_from_score
 
 # engineer()'s blocks: the value, then build_features' columns of each metric, by suffix.
@@ -173,12 +173,10 @@ def _rolling_mean_std(stamps: np.ndarray, values: np.ndarray, seg_start: np.ndar
     variance) along a device's samples, restarting only when a window shares nothing with the one
     before; on a near-constant window the running variance keeps an error that a direct sum over the
     window does not (measured: up to 70 % of a 1e-6 std of network traffic at night). So the windows
-    go through the same compiled kernels (pandas._libs.window.aggregations.roll_mean / roll_var, what
+    go through the same compiled kernels (features.window_mean_std: pandas' roll_mean / roll_var, what
     DataFrame.rolling calls, on arrays), over the same samples from the device's first one: the values
     are build_features' to the bit, at a few microseconds a column.
     """
-    from pandas._libs.window.aggregations import roll_mean, roll_var
-
     if len(rows) == 1:  # the common /detect call: one device, one span
         spans = [(int(seg_start[0]), int(rows[0]))]
     else:
@@ -193,24 +191,12 @@ def _rolling_mean_std(stamps: np.ndarray, values: np.ndarray, seg_start: np.ndar
         offsets[s] = total - s  # compact position = history row + offset
         total += r + 1 - s
     start = np.concatenate(starts).astype(np.int64, copy=False) if len(starts) > 1 else starts[0].astype(np.int64)
-    end = np.arange(1, total + 1, dtype=np.int64)
     window = values[spans[0][0]:spans[0][1] + 1] if len(spans) == 1 else \
         np.concatenate([values[s:r + 1] for s, r in spans])
-    # One kernel call for every column: the columns one after the other, each window shifted into its
-    # column's stretch. A window sharing nothing with the one before restarts the kernel's running
-    # sums, as at a device's first sample in pandas, so each column's values are those of a call on
-    # that column alone.
-    m = values.shape[1]
-    column = np.where(np.isinf(window), np.nan, window).T.ravel()  # as pandas' _prep_values
-    shift = (np.arange(m, dtype=np.int64) * total)[:, None]
-    start_all, end_all = (start[None, :] + shift).ravel(), (end[None, :] + shift).ravel()
-    mean = roll_mean(column, start_all, end_all, 1).reshape(m, total)
-    var = roll_var(column, start_all, end_all, 1, ddof=1).reshape(m, total)
-    with np.errstate(invalid="ignore"):
-        std = np.where(var < 0, 0.0, np.sqrt(var))  # pandas' zsqrt
+    mean, std = window_mean_std(window, start)  # each span restarts the kernels' sums, as in pandas
     at = rows + np.array([offsets[s] for s in seg_start.tolist()], dtype=np.int64)
     before = np.where(rows > seg_start, at - 1, at)
-    return mean[:, at].T, std[:, at].T, mean[:, before].T, std[:, before].T
+    return mean[at], std[at], mean[before], std[before]
 
 
 def _nan_median(x: np.ndarray) -> np.ndarray:
