@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import time
+from unittest.mock import ANY
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from detection.api import health
 from detection.choices import ModelStatus
 from detection.ingest.loader import ingest_batch, load_telemetry_frame
 from detection.ingest.synthetic import generate_fleet
-from detection.models import AnomalyResult, Fleet, ModelVersion, PipelineRun
+from detection.models import AnomalyResult, Device, Fleet, ModelVersion, PipelineRun
 from detection.services import pipeline_run_create, pipeline_run_execute
 
 from factories import DeviceFactory, FleetFactory, user_with_role
@@ -21,21 +23,11 @@ from factories import DeviceFactory, FleetFactory, user_with_role
 pytestmark = pytest.mark.django_db
 
 
-
-
-
-
 @pytest.fixture(autouse=True)
 def _fresh_model_cache():
     serving.model_cache_clear()
     yield
     serving.model_cache_clear()
-
-
-
-
-
-
 
 
 @pytest.fixture
@@ -142,6 +134,43 @@ def test_a_new_production_version_is_loaded_on_the_next_request(trained, viewer)
     second = pipeline_run_execute(run_id=pipeline_run_create(fleet=fleet).id)
     assert viewer.post("/api/v1/detect", obs, format="json").json()["model_version"] == second.model_version.version
     assert serving.model_cache_info()[fleet.pk]["model_version_id"] == second.model_version_id
+
+
+def test_a_promotion_made_elsewhere_is_seen_within_the_production_cache_time(trained, viewer, monkeypatch):
+    """Another process's promotion sends no signal here: the production pointer read at most
+    PRODUCTION_CACHE_SECONDS ago is used until then, and the next request after that reloads."""
+    fleet, run = trained
+    frame = load_telemetry_frame(fleet)
+    obs = _observation(fleet, AnomalyResult.objects.filter(run=run).select_related("device").first(), frame)
+    second = pipeline_run_execute(run_id=pipeline_run_create(fleet=fleet).id).model_version
+    assert viewer.post("/api/v1/detect", obs, format="json").json()["model_version"] == second.version
+    # as another process would: no save(), so no post_save in this one
+    ModelVersion.objects.filter(pk=second.pk).update(status=ModelStatus.RETIRED)
+    ModelVersion.objects.filter(pk=run.model_version_id).update(status=ModelStatus.PRODUCTION)
+    assert viewer.post("/api/v1/detect", obs, format="json").json()["model_version"] == second.version
+    later = time.monotonic() + serving.PRODUCTION_CACHE_SECONDS + 0.01
+    monkeypatch.setattr(serving.time, "monotonic", lambda: later)
+    assert viewer.post("/api/v1/detect", obs, format="json").json()["model_version"] == 1
+
+
+def test_known_devices_cost_one_query_and_a_new_device_scores_at_once(trained, viewer, monkeypatch):
+    fleet, run = trained
+    frame = load_telemetry_frame(fleet)
+    obs = _observation(fleet, AnomalyResult.objects.filter(run=run).select_related("device").first(), frame)
+    queries = []
+    fetch = serving._fetch
+    monkeypatch.setattr(serving, "_fetch", lambda c, sql, params: queries.append(sql) or fetch(c, sql, params))
+    first = viewer.post("/api/v1/detect", obs, format="json").json()
+    assert len(queries) == 2  # devices and production pointer, then the history
+    queries.clear()
+    assert viewer.post("/api/v1/detect", obs, format="json").json() == {**first, "processing_time_ms": ANY}
+    assert len(queries) == 1  # the history only
+    # a device added without a signal in this process (bulk ingest, another process) is looked up
+    template = Device.objects.get(fleet=fleet, external_id=obs["device_id"])
+    Device.objects.bulk_create([Device(fleet=fleet, external_id="brand-new", manufacturer=template.manufacturer,
+                                       model=template.model, os_version=template.os_version)])
+    response = viewer.post("/api/v1/detect", {**obs, "device_id": "brand-new"}, format="json")
+    assert response.status_code == 200 and response.json()["device_id"] == "brand-new"
 
 
 def test_batch_size_is_limited(trained, viewer, settings):

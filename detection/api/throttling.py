@@ -15,10 +15,11 @@ largest single cost of a /api/v1/detect call. The counter is O(1); the differenc
 starts at the first request rather than sliding (a client can send up to the limit, wait for the
 period to end, and send the limit again).
 
-When the default cache is Redis (production), the counter is one pipelined round trip on a client of
-this module's own (SET key 0 EX period NX; INCR key): Django's RedisCache spent three round trips
-(add, then EXISTS and INCRBY for incr) and built a client object for each, which made the three
-limits 40 % of a /api/v1/detect call on PostgreSQL + Redis.
+When the default cache is Redis (production), the counters are one pipelined round trip on a client of
+this module's own (SET key 0 EX period NX; INCR key, for each limit that applies: ThrottledViewMixin
+counts all three at once): Django's RedisCache spent three round trips per limit (add, then EXISTS
+and INCRBY for incr) and built a client object for each, which made the three limits 40 % of a
+/api/v1/detect call on PostgreSQL + Redis.
 """
 from __future__ import annotations
 
@@ -60,20 +61,11 @@ class _LiveRates:
         return super().get_rate()
 
     def allow_request(self, request, view):
-        if isinstance(self, ScopedRateThrottle):  # its rate depends on the view (ScopedRateThrottle's own code)
-            self.scope = getattr(view, self.scope_attr, None)
-            if not self.scope:
-                return True
-            self.rate = self.get_rate()
-            self.num_requests, self.duration = self.parse_rate(self.rate)
-        if self.rate is None:
-            return True
-        self.key = self.get_cache_key(request, view)
-        if self.key is None:
+        if not self.prepare(request, view):
             return True
         client = _redis_client()
         if client is not None:
-            return self._allow_redis(client)
+            return self.decide(client, _count_redis(client, [self])[0])
         now = self.timer()
         count_key, start_key = f"{self.key}:n", f"{self.key}:t0"
         if self.cache.add(count_key, 0, self.duration):  # a new period starts with this request
@@ -90,20 +82,60 @@ class _LiveRates:
         self._wait = max(self.duration - (now - started), 1.0)
         return False
 
-    def _allow_redis(self, client) -> bool:
-        key = f"{REDIS_KEY_PREFIX}{self.key}"
-        pipe = client.pipeline(transaction=False)
-        pipe.set(key, 0, ex=self.duration, nx=True)  # a new period starts with this request
-        pipe.incr(key)
-        _, count = pipe.execute()
+    def prepare(self, request, view) -> bool:
+        """Set rate, num_requests, duration and key for this request; False when this limit does not
+        apply to it (no rate, no scope on the view, no key: e.g. the token limit on a session)."""
+        if isinstance(self, ScopedRateThrottle):  # its rate depends on the view (ScopedRateThrottle's own code)
+            self.scope = getattr(view, self.scope_attr, None)
+            if not self.scope:
+                return False
+            self.rate = self.get_rate()
+            self.num_requests, self.duration = self.parse_rate(self.rate)
+        if self.rate is None:
+            return False
+        self.key = self.get_cache_key(request, view)
+        return self.key is not None
+
+    def decide(self, client, count: int) -> bool:
+        """Whether a request counted `count` in its period (Redis) is allowed; sets wait() if not."""
         if count <= self.num_requests:
             return True
-        ttl = client.ttl(key)  # only for a refused request: Retry-After
+        ttl = client.ttl(f"{REDIS_KEY_PREFIX}{self.key}")  # only for a refused request: Retry-After
         self._wait = float(ttl) if ttl and ttl > 0 else float(self.duration)
         return False
 
     def wait(self):
         return getattr(self, "_wait", None)
+
+
+def _count_redis(client, throttles: list[_LiveRates]) -> list[int]:
+    """Count one request against each prepared throttle, all in one pipelined round trip (per key:
+    SET key 0 EX period NX, which starts a period with this request; INCR key). Returns the counts."""
+    pipe = client.pipeline(transaction=False)
+    for throttle in throttles:
+        key = f"{REDIS_KEY_PREFIX}{throttle.key}"
+        pipe.set(key, 0, ex=throttle.duration, nx=True)
+        pipe.incr(key)
+    return pipe.execute()[1::2]
+
+
+class ThrottledViewMixin:
+    """check_throttles for the API views: the same limits as DRF's (each throttle of get_throttles, a
+    429 with the longest wait of those refused), counted in one Redis round trip for all of them
+    instead of one each (three on /api/v1/detect); the cache-based count when Redis is not the cache."""
+
+    def check_throttles(self, request):
+        client = _redis_client()
+        throttles = self.get_throttles()
+        if client is None or not all(isinstance(t, _LiveRates) for t in throttles):
+            return super().check_throttles(request)
+        live = [t for t in throttles if t.prepare(request, self)]
+        if not live:
+            return None
+        waits = [t.wait() for t, count in zip(live, _count_redis(client, live)) if not t.decide(client, count)]
+        if waits:
+            self.throttled(request, max((w for w in waits if w is not None), default=None))
+        return None
 
 
 class UserThrottle(_LiveRates, UserRateThrottle):

@@ -35,7 +35,7 @@ from .serializers import (
     TelemetryIngestResultSerializer, TelemetryIngestSerializer,
 )
 from .authentication import CachedTokenAuthentication
-from .throttling import API_THROTTLES
+from .throttling import API_THROTTLES, ThrottledViewMixin
 
 # Clients use tokens, the web app its session; Token first so that an anonymous request gets a 401.
 API_AUTHENTICATION = [CachedTokenAuthentication, SessionAuthentication]
@@ -136,7 +136,7 @@ def _raise(exc: serving.ServingError, *, batch: bool):
     raise ValidationError(detail)
 
 
-class _ScoringView(APIView):
+class _ScoringView(ThrottledViewMixin, APIView):
     """Scoring reads no more than a viewer may see: POSTs need the viewer role only."""
 
     authentication_classes = API_AUTHENTICATION
@@ -209,7 +209,7 @@ class UtcIsoDateTimeFromToRangeFilter(django_filters.IsoDateTimeFromToRangeFilte
     field_class = UtcIsoDateTimeRangeField
 
 
-class RoleViewSetMixin:
+class RoleViewSetMixin(ThrottledViewMixin):
     authentication_classes = API_AUTHENTICATION
     permission_classes = [HasRole]
     throttle_classes = API_THROTTLES
