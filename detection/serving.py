@@ -302,6 +302,10 @@ class StackedForest:
     """
 
     CHUNK_ROWS = 2048
+    # From this many rows on, sklearn's own tree-by-tree walk (Cython, per tree) is the faster one: its
+    # fixed ~0.05 ms a tree is then spread over enough rows (300 trees, 2,000 rows: 36 ms against 57 ms
+    # here; 500 rows: 19 ms against 15 ms). Stream micro-batches are this large, /detect calls are not.
+    SKLEARN_ROWS = 1000
 
     @staticmethod
     def supports(forest) -> bool:
@@ -343,6 +347,8 @@ class StackedForest:
     def score_samples(self, X) -> np.ndarray:
         """As IsolationForest.score_samples: X rows x the forest's features; lower is more abnormal."""
         X = np.asarray(X, dtype=np.float32)
+        if len(X) >= self.SKLEARN_ROWS:
+            return self._forest.score_samples(X)
         depths = np.concatenate([self._depths(X[i:i + self.CHUNK_ROWS])
                                  for i in range(0, len(X), self.CHUNK_ROWS)]) if len(X) else np.zeros(0)
         if self._denominator == 0:

@@ -8,7 +8,7 @@ from sklearn.ensemble import IsolationForest
 from detection.serving import StackedForest
 
 
-@pytest.mark.parametrize("max_features, rows", [(1.0, 1), (1.0, 700), (0.6, 37)])
+@pytest.mark.parametrize("max_features, rows", [(1.0, 1), (1.0, 700), (0.6, 37), (0.6, 1500)])
 def test_stacked_forest_scores_equal_sklearn(max_features, rows):
     rng = np.random.default_rng(4)
     train = rng.normal(size=(600, 7)).astype(np.float32)
