@@ -1,10 +1,13 @@
-"""nn_novelty on crafted series: what is new scores high, what was seen before scores low, nothing looks ahead."""
+"""nn_novelty on crafted series (what is new scores high, what was seen before scores low, nothing looks
+ahead) and the "top" calibration that evaluate_nab gives it."""
 import numpy as np
 import pandas as pd
 import pytest
 
 from detection.ml import suite  # noqa: F401  (registers the detectors)
+from detection.evaluation import EvaluationError, evaluate_nab
 from detection.ml.detectors import DETECTORS, AnomalyDetectorConfig, DetectorError, detector_metadata
+from detection.ml.nab import streaming_rank, streaming_top_rank
 from detection.ml.novelty import NearestNeighbourNoveltyDetector, nn_novelty, raw_metric_columns
 
 
@@ -110,3 +113,39 @@ def test_metadata_declares_a_streaming_univariate_distance_detector():
     meta = detector_metadata("nn_novelty")
     assert meta["family"] == "distance" and meta["streaming"] and not meta["multivariate"]
     assert meta["hyperparameters"]["lengths"]["default"] == 3
+
+
+# --- the "top" calibration and evaluate_nab ----------------------------------------------------
+
+def test_streaming_top_rank_counts_the_earlier_scores_at_least_as_high():
+    scores = np.array([5.0, 1.0, 3.0, 3.0, np.nan, 9.0, 0.5, 3.0])
+    top = streaming_top_rank(scores, 2)  # rows 0-1 are the reference
+    assert np.isnan(top[:2]).all() and np.isnan(top[4])
+    # row 2: 3 against {5, 1} -> one at least as high; row 3: 3 against {5, 1, 3} -> two (ties count);
+    # row 5: a new maximum; row 6: every earlier score is higher; row 7: 3 against {5, 1, 3, 3, 9, 0.5}.
+    np.testing.assert_allclose(top[[2, 3, 5, 6, 7]], [1 / 2, 1 / 3, 1.0, 1 / 6, 1 / 5])
+
+
+def test_streaming_top_rank_bar_does_not_fall_with_the_length_of_the_history():
+    # The rank of the 10th-highest score of a history approaches 1 as the history grows; its top rank stays.
+    short, long = np.arange(100.0), np.arange(10000.0)
+    for history in (short, long):
+        probe = np.r_[history, history[-10]]
+        assert streaming_top_rank(probe, len(history))[-1] == pytest.approx(1 / 11)
+    assert streaming_rank(np.r_[long, long[-10]], len(long))[-1] > streaming_rank(np.r_[short, short[-10]], 100)[-1]
+
+
+@pytest.mark.django_db
+def test_evaluate_nab_uses_the_detectors_own_calibration_unless_told(shared_data, tmp_path):
+    from tests.test_evaluation import _nab_layout
+
+    root = _nab_layout(tmp_path / "nab", shared_data)
+    novelty = evaluate_nab(path=root, config={"algorithm": "nn_novelty"})
+    assert novelty.calibration == "top_suppress" and novelty.as_dict()["calibration"] == "top_suppress"
+    # Measured: both windows detected (the shift at its first row, the spike mid-window).
+    assert novelty.profiles["standard"].detected_windows == 2
+    assert evaluate_nab(path=root, config={"algorithm": "robust_z"}).calibration == "rank_suppress"
+    told = evaluate_nab(path=root, config={"algorithm": "nn_novelty"}, calibration="rank")
+    assert told.calibration == "rank"
+    with pytest.raises(EvaluationError, match="calibration must be one of"):
+        evaluate_nab(path=root, config={"algorithm": "nn_novelty"}, calibration="nope")
