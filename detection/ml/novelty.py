@@ -12,8 +12,8 @@ What it catches: the first values of a pattern the series has never shown (a lev
 never had, a spike taller than any before); a pattern seen once before, even if it is far from
 the mean (a daily batch job, a spike that recurs), scores low the next time. A left matrix profile
 without z-normalisation (Yeh et al., "Matrix Profile I", ICDM 2016: the distance from each
-subsequence to its nearest neighbour, here among earlier ones only, as in Zhu et al.'s "left"
-matrix profile, ICDM 2016 "Matrix Profile II"), averaged over the short lengths 1 .. `lengths`
+subsequence to its nearest neighbour, here among earlier ones only: the "left" matrix profile of
+Zhu et al., "Matrix Profile VII: Time Series Chains", ICDM 2017), averaged over the short lengths 1 .. `lengths`
 and scaled like MASE (Hyndman & Koehler, Int. J. Forecasting 2006, scales errors by the mean
 absolute one-step difference). The online nearest-neighbour score is also the nonconformity
 measure of KNN-CAD (Burnaev & Ishimtsev, "Conformalized density- and distance-based anomaly
