@@ -8,8 +8,9 @@ runs the pipeline on it and scores the result against the benchmark's labels:
   column (F1, FAR, MAR).
 - evaluate_nab: NAB's protocol (detection.ml.nab): one detector instance per file, trained on the
   file's probationary rows, streaming features only; the anomaly scores of the other rows are
-  calibrated causally (streaming rank, then only new highs of the recent rows count) and go to
-  NAB's sweeper, which picks one threshold per profile for the whole corpus.
+  calibrated causally (streaming rank, or the detector's own choice such as the top rank; then
+  only new highs of the recent rows count) and go to NAB's sweeper, which picks one threshold per
+  profile for the whole corpus.
 - evaluate_cmapss: C-MAPSS FD001 run-to-failure engines through the pipeline service: train on the
   first cycles of every engine, score the rest against the last `degraded_cycles` cycles before
   failure (precision, recall, F1, cycles of early warning).
@@ -38,6 +39,7 @@ from .ml.nab import (
     nab_score,
     probationary_length,
     streaming_rank,
+    streaming_top_rank,
     suppress_repeats,
 )
 from .ml.pipeline import PipelineConfig, StageError, TrainingWindow, run_core
@@ -173,9 +175,10 @@ class NabEvaluationResult:
     per_file: dict[str, dict] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     dataset: str = "nab"
+    calibration: str = "rank_suppress"
 
     def as_dict(self) -> dict:
-        return {"dataset": self.dataset, "detector": self.detector,
+        return {"dataset": self.dataset, "detector": self.detector, "calibration": self.calibration,
                 "scores": {name: p.score for name, p in self.profiles.items()},
                 "profiles": {name: p.as_dict() for name, p in self.profiles.items()},
                 "files": self.files, "rows": self.rows, "scored_rows": self.scored_rows,
@@ -184,15 +187,15 @@ class NabEvaluationResult:
 
 
 FileProgress = Callable[[str, str, dict], None]
-NAB_CALIBRATIONS = ("rank_suppress", "rank", "none")
-# rank_suppress: rows that are no new high of the last NAB_SUPPRESS_ROWS rows score 0
+NAB_CALIBRATIONS = ("rank_suppress", "rank", "top_suppress", "top", "none")
+# *_suppress: rows that are no new high of the last NAB_SUPPRESS_ROWS rows score 0
 # (detection.ml.nab.suppress_repeats); one rule for every file.
 NAB_SUPPRESS_ROWS = int(os.environ.get("VIGIL_NAB_SUPPRESS_ROWS", "50"))
 
 
 def evaluate_nab(*, path: Path | str, results_dir: Path | str | None = None, keep: bool = False,
                  config: dict | None = None, progress: FileProgress | None = None,
-                 calibration: str = "rank_suppress") -> NabEvaluationResult:
+                 calibration: str | None = None) -> NabEvaluationResult:
     """Run NAB's protocol on every series under `path` and score it with NAB's rules.
 
     path: the NAB root, its data/ folder, a data/<category> folder or one data/<category>/<x>.csv;
@@ -203,13 +206,17 @@ def evaluate_nab(*, path: Path | str, results_dir: Path | str | None = None, kee
     on the file's probationary rows only (detection.ml.nab.probationary_length) with causal
     features (trailing windows, backward lags); the other rows are scored. The pipeline's own
     threshold is not used: NAB's sweeper picks one threshold per profile over the corpus.
-    calibration "rank_suppress" (default) is "rank" followed by detection.ml.nab.suppress_repeats
-    (a score counts only where it is a new high of the last NAB_SUPPRESS_ROWS rows, so one event
-    fires once); "rank" turns each file's scores into their streaming rank
-    (detection.ml.nab.streaming_rank: the share of the file's earlier scores, its in-sample
-    probationary scores included, that each score exceeds), so that one threshold means the same
-    in every file; "none" sweeps the raw scores, whose scale differs from file to file (robust
-    z-units of each file's own training scores for the hybrid). A file whose training fails
+    calibration None (default) is the detector's own (its class attribute nab_calibration:
+    "rank_suppress" for all but nn_novelty, which uses "top_suppress"). "rank_suppress" is "rank"
+    followed by detection.ml.nab.suppress_repeats (a score counts only where it is a new high of
+    the last NAB_SUPPRESS_ROWS rows, so one event fires once); "rank" turns each file's scores into
+    their streaming rank (detection.ml.nab.streaming_rank: the share of the file's earlier scores,
+    its in-sample probationary scores included, that each score exceeds), so that one threshold
+    means the same in every file; "top" into their reciprocal rank from the top of the same
+    history (detection.ml.nab.streaming_top_rank: 1 / (1 + the number of earlier scores at least as
+    high), so one threshold means "among the K highest so far"), "top_suppress" then suppresses
+    repeats; "none" sweeps the raw scores, whose scale differs from file to file (robust z-units
+    of each file's own training scores for the hybrid). A file whose training fails
     (e.g. a flat line: nothing varies) never detects, with a warning.
     With results_dir, writes NAB's results layout DIR/<detector>/<category>/<detector>_<file>.csv
     (timestamp, value, anomaly_score, label); anomaly_score is empty where the detector gave no
@@ -217,7 +224,7 @@ def evaluate_nab(*, path: Path | str, results_dir: Path | str | None = None, kee
     Raises EvaluationError (and detection.ingest.IngestError for unreadable files).
     """
     started = time.perf_counter()
-    if calibration not in NAB_CALIBRATIONS:
+    if calibration is not None and calibration not in NAB_CALIBRATIONS:
         raise EvaluationError(f"calibration must be one of {', '.join(NAB_CALIBRATIONS)}, not {calibration!r}")
     batch = read_nab(path)
     profiles = _nab_profiles(Path(path))
@@ -233,6 +240,7 @@ def evaluate_nab(*, path: Path | str, results_dir: Path | str | None = None, kee
             PipelineConfig.from_settings(detection, cohort_columns=fleet.cohort_columns)
         except ValueError as exc:
             raise EvaluationError(str(exc)) from None
+        calibration = calibration or nab_calibration(detection["algorithm"])
         frame = load_telemetry_frame(fleet)
         truth = load_ground_truth(fleet)
         series, per_file, timings, warnings = [], {}, {}, {}
@@ -254,9 +262,10 @@ def evaluate_nab(*, path: Path | str, results_dir: Path | str | None = None, kee
                 warnings.setdefault(f"{exc}; scored as never detecting", []).append(name)
             else:
                 raw = output.result.scores  # every row, in time order; in-sample on the probationary ones
-                scores = streaming_rank(raw, probation) if calibration.startswith("rank") else raw.copy()
+                calibrate = {"rank": streaming_rank, "top": streaming_top_rank}.get(calibration.split("_")[0])
+                scores = calibrate(raw, probation) if calibrate else raw.copy()
                 scores[:probation] = np.nan
-                if calibration == "rank_suppress":
+                if calibration.endswith("_suppress"):
                     scores = suppress_repeats(scores, NAB_SUPPRESS_ROWS)
                 for stage, seconds in output.timings.items():
                     timings[stage] = round(timings.get(stage, 0.0) + seconds, 3)
@@ -281,10 +290,18 @@ def evaluate_nab(*, path: Path | str, results_dir: Path | str | None = None, kee
         return NabEvaluationResult(
             algorithm, scored, len(series), len(frame), sum(len(s.scores) - probationary_length(len(s.scores))
                                                               for s in series),
-            time.perf_counter() - started, timings, detection, per_file, _collapse(warnings))
+            time.perf_counter() - started, timings, detection, per_file, _collapse(warnings),
+            calibration=calibration)
     finally:
         if not keep:
             fleet_delete(fleet=fleet)
+
+
+def nab_calibration(algorithm: str) -> str:
+    """The NAB calibration a detector asks for (its nab_calibration attribute; "rank_suppress" if none)."""
+    from .ml.detectors import DETECTORS
+
+    return getattr(DETECTORS.get(algorithm), "nab_calibration", "rank_suppress")
 
 
 def _nab_profiles(path: Path) -> dict:

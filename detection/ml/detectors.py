@@ -147,6 +147,9 @@ class AnomalyDetector:
     needs_training = True
     streaming = True  # scores one row at a time once fitted
     uses_temporal = False  # takes temporal_features in fit
+    # How evaluate_nab turns this detector's scores into one corpus-wide scale when the caller
+    # names none (detection.evaluation.NAB_CALIBRATIONS).
+    nab_calibration = "rank_suppress"
     hyperparameters = {
         "contamination": {"default": 0.03, "min": 0.001, "max": 0.5},
         "n_estimators": {"default": 300, "min": 10, "max": 2000},

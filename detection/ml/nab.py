@@ -379,6 +379,30 @@ def streaming_rank(scores, start: int) -> np.ndarray:
     return out
 
 
+def streaming_top_rank(scores, start: int) -> np.ndarray:
+    """Each score's reciprocal rank from the top among the scores before it: 1 / (1 + #{j < t: s_j >= s_t}).
+
+    scores: n raw anomaly scores of one file, in time order (higher = more anomalous); rows before
+    `start` form the reference and get NaN, as in streaming_rank. Row t >= start gets 1 for a new
+    maximum, 1/2 when one earlier score was at least as high, 1/(k+1) when k were; NaN scores stay
+    NaN and are not remembered. Causal and monotone in the score at any one time, like
+    streaming_rank, but it counts where streaming_rank takes a share: a corpus-wide threshold 1/(K+1)
+    means "among the K + 1 highest of the file's history so far", a number of events rather than a
+    share of rows, so a long file does not earn more alarms than a short one (NAB gives each file a
+    few windows whatever its length). O(n log n) searches, O(n^2) worst-case list inserts.
+    """
+    scores = np.asarray(scores, dtype="float64")
+    out = np.full(len(scores), np.nan)
+    history = sorted(x for x in scores[:start] if not math.isnan(x))
+    for t in range(max(start, 0), len(scores)):
+        x = scores[t]
+        if math.isnan(x):
+            continue
+        out[t] = 1.0 / (1 + len(history) - bisect.bisect_left(history, x))
+        bisect.insort(history, x)
+    return out
+
+
 def suppress_repeats(scores, window: int) -> np.ndarray:
     """Keep a score only where it is a new high of the last `window` rows; 0 elsewhere.
 

@@ -457,4 +457,4 @@ def tune_hyperparameters(name: str, X: pd.DataFrame, features: list[str], labels
 
 
 # Registers the statistical, forecast, kernel and deep detectors (they subclass _MatrixDetector).
-from . import deep, statistical  # noqa: E402,F401
+from . import deep, novelty, statistical  # noqa: E402,F401

@@ -1,5 +1,6 @@
 """python manage.py evaluate {nab,skab,cmapss} PATH [--detector NAME|all] [--json FILE]
-[--results-dir DIR] [--predictions-dir DIR] [--calibration rank_suppress|rank|none] [--degraded-cycles N]
+[--results-dir DIR] [--predictions-dir DIR] [--calibration rank_suppress|rank|top_suppress|top|none]
+[--degraded-cycles N]
 [--train-cycles K] [--keep]"""
 import json
 import math
@@ -42,9 +43,11 @@ class Command(BaseCommand):
         parser.add_argument("--predictions-dir", help="skab, cmapss: write one CSV of decisions per file/engine "
                                                       "here (in DIR/<detector>/ with --detector all)")
         parser.add_argument("--calibration", choices=NAB_CALIBRATIONS,
-                            help="nab: 'rank_suppress' (default): 'rank', then only new highs of the recent "
-                                 "rows count; 'rank' turns each score into its rank among the file's earlier "
-                                 "scores; 'none' sweeps the raw scores")
+                            help="nab (default: the detector's own, rank_suppress for all but nn_novelty): "
+                                 "'rank_suppress': 'rank', then only new highs of the recent rows count; 'rank' "
+                                 "turns each score into its rank among the file's earlier scores; 'top' into "
+                                 "1 / (1 + the number of earlier scores at least as high), 'top_suppress' then "
+                                 "suppresses repeats; 'none' sweeps the raw scores")
         parser.add_argument("--degraded-cycles", type=int,
                             help="cmapss: the last N cycles of each engine are anomalous (default 30)")
         parser.add_argument("--train-cycles", type=int,
@@ -110,7 +113,7 @@ class Command(BaseCommand):
         if dataset == "nab":
             return evaluate_nab(path=opts["path"], results_dir=opts["results_dir"], keep=opts["keep"], config=config,
                                 progress=self._file_progress if opts["verbosity"] >= 2 else None,
-                                calibration=opts["calibration"] or "rank_suppress")
+                                calibration=opts["calibration"])
         progress = None if everything else self._stage_progress
         if dataset == "skab":
             return evaluate_skab(path=opts["path"], predictions_dir=predictions, keep=opts["keep"], config=config,
@@ -148,7 +151,8 @@ class Command(BaseCommand):
 
     def _report_nab(self, result):
         self.stdout.write(f"\nNAB, {result.files} files, {result.scored_rows:,} scored rows (detector "
-                          f"{result.detector}; one model per file, trained on its probationary rows)")
+                          f"{result.detector}; one model per file, trained on its probationary rows; "
+                          f"calibration {result.calibration})")
         self.stdout.write(f"{'profile':<20} {'score':>7} {'threshold':>10} {'windows':>9} {'FP rows':>8}")
         for p in result.profiles.values():
             threshold = "never" if math.isinf(p.threshold) else f"{p.threshold:.5g}"
