@@ -127,3 +127,27 @@ def test_errors_name_the_problem():
 def test_all_levels_are_computed_with_parents():
     bs = compute_baselines(_frame(), ["battery"], min_rows=5)
     assert set(bs.stats.level) == {"global", "cohort", "store", "customer", "device"}
+
+
+def test_a_device_mad_is_floored_at_a_tenth_of_its_cohorts():
+    """Devices with almost no noise around offsets far apart (a slowly filling disk): the device MAD
+    is a tenth of the cohort's, so a drift of a few noise widths is not a "20-sigma" outlier, while
+    a step of the cohort's spread still is."""
+    rng = np.random.default_rng(0)
+    rows = [{"external_id": f"d{d}", "manufacturer": "A", "model": "m", "os_version": "1", "store": "s",
+             "customer": "c", "storage": offset + 0.05 * rng.standard_normal()}
+            for d, offset in enumerate(np.linspace(30, 90, 12)) for _ in range(60)]
+    frame = pd.DataFrame(rows)
+    floored = compute_baselines(frame, ["storage"], ("cohort", "device"), min_rows=5)
+    plain = compute_baselines(frame, ["storage"], ("cohort", "device"), min_rows=5, device_mad_floor=0)
+    cohort_mad = _stat(floored, "cohort", "storage", manufacturer="A", model="m", os_version="1")["mad"]
+    own_mad = _stat(plain, "device", "storage", external_id="d0")["mad"]
+    assert own_mad < 0.05 < 0.1 * cohort_mad
+    assert _stat(floored, "device", "storage", external_id="d0")["mad"] == pytest.approx(0.1 * cohort_mad)
+    later = frame[frame.external_id == "d0"].head(2).copy()
+    device_median = _stat(floored, "device", "storage", external_id="d0")["median"]
+    later["storage"] = [device_median + 1.0, device_median + 20.0]  # a small drift; a step of 20 points
+    z = apply_baselines(later, floored, ("device",))["storage_z_device"].to_numpy()
+    z_plain = apply_baselines(later, plain, ("device",))["storage_z_device"].to_numpy()
+    assert z_plain[0] > 20 and z[0] < 1.0
+    assert z[1] > 8
