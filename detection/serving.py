@@ -138,16 +138,23 @@ _devices: dict[int, dict[str, tuple[float, "_DeviceRow"]]] = {}  # fleet id -> {
 _production: dict[int, tuple[float, tuple[int, str] | None]] = {}  # fleet id -> (expiry, (id, checksum))
 
 
+def _unexpired(cache: dict, keys, now: float) -> tuple[dict, list]:
+    """({key: value} of `keys` that `cache` ({key: (expiry, value)}) holds unexpired at `now`, the
+    other keys)."""
+    found, missing = {}, []
+    for key in keys:
+        hit = cache.get(key)
+        if hit is not None and hit[0] > now:
+            found[key] = hit[1]
+        else:
+            missing.append(key)
+    return found, missing
+
+
 def fleets_by_name(names) -> dict[str, Fleet]:
     """{name: Fleet} for those of `names` that exist, from this process's cache or one query."""
     now = time.monotonic()
-    found, missing = {}, []
-    for name in names:
-        hit = _fleets.get(name)
-        if hit is not None and hit[0] > now:
-            found[name] = hit[1]
-        else:
-            missing.append(name)
+    found, missing = _unexpired(_fleets, names, now)
     if missing:
         for fleet in Fleet.objects.filter(name__in=missing):
             found[fleet.name] = fleet
@@ -478,14 +485,7 @@ def _devices_and_production(fleet: Fleet, external_ids: set[str]
     An unknown external id is looked up again on every call, so a device added anywhere scores at once.
     """
     now = time.monotonic()
-    known = _devices.get(fleet.pk, {})
-    devices, missing = {}, []
-    for external_id in external_ids:
-        hit = known.get(external_id)
-        if hit is not None and hit[0] > now:
-            devices[external_id] = hit[1]
-        else:
-            missing.append(external_id)
+    devices, missing = _unexpired(_devices.get(fleet.pk, {}), external_ids, now)
     production = _production.get(fleet.pk)
     if not missing and production is not None and production[0] > now:
         return devices, production[1]
