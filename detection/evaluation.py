@@ -8,9 +8,9 @@ runs the pipeline on it and scores the result against the benchmark's labels:
   column (F1, FAR, MAR).
 - evaluate_nab: NAB's protocol (detection.ml.nab): one detector instance per file, trained on the
   file's probationary rows, streaming features only; the anomaly scores of the other rows are
-  calibrated causally (streaming rank, or the detector's own choice such as the top rank; then
-  only new highs of the recent rows count) and go to NAB's sweeper, which picks one threshold per
-  profile for the whole corpus.
+  calibrated causally (streaming rank, or the detector's own choice such as the ratio to its
+  earlier top scores; then only new highs of the recent rows count) and go to NAB's sweeper, which
+  picks one threshold per profile for the whole corpus.
 - evaluate_cmapss: C-MAPSS FD001 run-to-failure engines through the pipeline service: train on the
   first cycles of every engine, score the rest against the last `degraded_cycles` cycles before
   failure (precision, recall, F1, cycles of early warning).
@@ -38,6 +38,7 @@ from .ml.nab import (
     load_profiles,
     nab_score,
     probationary_length,
+    streaming_order_ratio,
     streaming_rank,
     streaming_top_rank,
     suppress_repeats,
@@ -176,9 +177,11 @@ class NabEvaluationResult:
     warnings: list[str] = field(default_factory=list)
     dataset: str = "nab"
     calibration: str = "rank_suppress"
+    suppress_rows: int | None = None  # the *_suppress window; None when the calibration has none
 
     def as_dict(self) -> dict:
         return {"dataset": self.dataset, "detector": self.detector, "calibration": self.calibration,
+                "suppress_rows": self.suppress_rows,
                 "scores": {name: p.score for name, p in self.profiles.items()},
                 "profiles": {name: p.as_dict() for name, p in self.profiles.items()},
                 "files": self.files, "rows": self.rows, "scored_rows": self.scored_rows,
@@ -187,10 +190,13 @@ class NabEvaluationResult:
 
 
 FileProgress = Callable[[str, str, dict], None]
-NAB_CALIBRATIONS = ("rank_suppress", "rank", "top_suppress", "top", "none")
-# *_suppress: rows that are no new high of the last NAB_SUPPRESS_ROWS rows score 0
-# (detection.ml.nab.suppress_repeats); one rule for every file.
-NAB_SUPPRESS_ROWS = int(os.environ.get("VIGIL_NAB_SUPPRESS_ROWS", "50"))
+NAB_CALIBRATIONS = ("rank_suppress", "rank", "top_suppress", "top", "ratio_suppress", "ratio", "none")
+_NAB_CALIBRATE = {"rank": streaming_rank, "top": streaming_top_rank, "ratio": streaming_order_ratio}
+# *_suppress: rows that are no new high of the last N rows score 0 (detection.ml.nab.suppress_repeats);
+# one rule for every file. N is the detector's nab_suppress_rows (50 unless it names another), or
+# VIGIL_NAB_SUPPRESS_ROWS for every detector when that is set.
+NAB_SUPPRESS_ROWS = 50
+_NAB_SUPPRESS_OVERRIDE = os.environ.get("VIGIL_NAB_SUPPRESS_ROWS")
 
 
 def evaluate_nab(*, path: Path | str, results_dir: Path | str | None = None, keep: bool = False,
@@ -207,17 +213,21 @@ def evaluate_nab(*, path: Path | str, results_dir: Path | str | None = None, kee
     features (trailing windows, backward lags); the other rows are scored. The pipeline's own
     threshold is not used: NAB's sweeper picks one threshold per profile over the corpus.
     calibration None (default) is the detector's own (its class attribute nab_calibration:
-    "rank_suppress" for all but nn_novelty, which uses "top_suppress"). "rank_suppress" is "rank"
+    "rank_suppress" for all but nn_novelty, which uses "ratio_suppress"). "rank_suppress" is "rank"
     followed by detection.ml.nab.suppress_repeats (a score counts only where it is a new high of
-    the last NAB_SUPPRESS_ROWS rows, so one event fires once); "rank" turns each file's scores into
-    their streaming rank (detection.ml.nab.streaming_rank: the share of the file's earlier scores,
-    its in-sample probationary scores included, that each score exceeds), so that one threshold
-    means the same in every file; "top" into their reciprocal rank from the top of the same
+    the last N rows, N the detector's nab_suppress_rows: 50, 20 for nn_novelty; so one event fires
+    once); "rank" turns each file's scores into their streaming rank
+    (detection.ml.nab.streaming_rank: the share of the file's earlier scores, its in-sample
+    probationary scores included, that each score exceeds), so that one threshold means the same
+    in every file; "top" into their reciprocal rank from the top of the same
     history (detection.ml.nab.streaming_top_rank: 1 / (1 + the number of earlier scores at least as
     high), so one threshold means "among the K highest so far"), "top_suppress" then suppresses
-    repeats; "none" sweeps the raw scores, whose scale differs from file to file (robust z-units
-    of each file's own training scores for the hybrid). A file whose training fails
-    (e.g. a flat line: nothing varies) never detects, with a warning.
+    repeats; "ratio" divides each score by the geometric mean of the 8th to 16th highest of the same
+    history (detection.ml.nab.streaming_order_ratio, for non-negative scores), so one threshold means
+    "this multiple of the file's usual top scores so far", "ratio_suppress" then suppresses repeats;
+    "none" sweeps the raw scores, whose scale differs from file to file (robust z-units of each
+    file's own training scores for the hybrid). A file whose training fails (e.g. a flat line:
+    nothing varies) never detects, with a warning.
     With results_dir, writes NAB's results layout DIR/<detector>/<category>/<detector>_<file>.csv
     (timestamp, value, anomaly_score, label); anomaly_score is empty where the detector gave no
     score (the probationary rows). progress(file, stage, info) follows each pipeline stage.
@@ -241,6 +251,7 @@ def evaluate_nab(*, path: Path | str, results_dir: Path | str | None = None, kee
         except ValueError as exc:
             raise EvaluationError(str(exc)) from None
         calibration = calibration or nab_calibration(detection["algorithm"])
+        suppress_rows = nab_suppress_rows(detection["algorithm"])
         frame = load_telemetry_frame(fleet)
         truth = load_ground_truth(fleet)
         series, per_file, timings, warnings = [], {}, {}, {}
@@ -262,11 +273,11 @@ def evaluate_nab(*, path: Path | str, results_dir: Path | str | None = None, kee
                 warnings.setdefault(f"{exc}; scored as never detecting", []).append(name)
             else:
                 raw = output.result.scores  # every row, in time order; in-sample on the probationary ones
-                calibrate = {"rank": streaming_rank, "top": streaming_top_rank}.get(calibration.split("_")[0])
+                calibrate = _NAB_CALIBRATE.get(calibration.split("_")[0])
                 scores = calibrate(raw, probation) if calibrate else raw.copy()
                 scores[:probation] = np.nan
                 if calibration.endswith("_suppress"):
-                    scores = suppress_repeats(scores, NAB_SUPPRESS_ROWS)
+                    scores = suppress_repeats(scores, suppress_rows)
                 for stage, seconds in output.timings.items():
                     timings[stage] = round(timings.get(stage, 0.0) + seconds, 3)
                 for warning in output.warnings:
@@ -291,7 +302,8 @@ def evaluate_nab(*, path: Path | str, results_dir: Path | str | None = None, kee
             algorithm, scored, len(series), len(frame), sum(len(s.scores) - probationary_length(len(s.scores))
                                                               for s in series),
             time.perf_counter() - started, timings, detection, per_file, _collapse(warnings),
-            calibration=calibration)
+            calibration=calibration,
+            suppress_rows=suppress_rows if calibration.endswith("_suppress") else None)
     finally:
         if not keep:
             fleet_delete(fleet=fleet)
@@ -302,6 +314,24 @@ def nab_calibration(algorithm: str) -> str:
     from .ml.detectors import DETECTORS
 
     return getattr(DETECTORS.get(algorithm), "nab_calibration", "rank_suppress")
+
+
+def nab_suppress_rows(algorithm: str) -> int:
+    """Rows over which *_suppress calibrations keep only new highs: VIGIL_NAB_SUPPRESS_ROWS when set,
+    else the detector's nab_suppress_rows attribute, else NAB_SUPPRESS_ROWS (50). Raises
+    EvaluationError for a VIGIL_NAB_SUPPRESS_ROWS that is not a whole number >= 1."""
+    from .ml.detectors import DETECTORS
+
+    if _NAB_SUPPRESS_OVERRIDE is not None:
+        try:
+            rows = int(_NAB_SUPPRESS_OVERRIDE)
+        except ValueError:
+            rows = 0
+        if rows < 1:
+            raise EvaluationError(f"VIGIL_NAB_SUPPRESS_ROWS must be a whole number of rows >= 1, "
+                                  f"not {_NAB_SUPPRESS_OVERRIDE!r}")
+        return rows
+    return int(getattr(DETECTORS.get(algorithm), "nab_suppress_rows", NAB_SUPPRESS_ROWS))
 
 
 def _nab_profiles(path: Path) -> dict:

@@ -1,13 +1,14 @@
 """nn_novelty on crafted series (what is new scores high, what was seen before scores low, nothing looks
-ahead) and the "top" calibration that evaluate_nab gives it."""
+ahead) and the "top" and "ratio" calibrations of evaluate_nab (ratio_suppress is nn_novelty's own)."""
 import numpy as np
 import pandas as pd
 import pytest
 
 from detection.ml import suite  # noqa: F401  (registers the detectors)
-from detection.evaluation import EvaluationError, evaluate_nab
+from detection import evaluation
+from detection.evaluation import EvaluationError, evaluate_nab, nab_suppress_rows
 from detection.ml.detectors import DETECTORS, AnomalyDetectorConfig, DetectorError, detector_metadata
-from detection.ml.nab import streaming_rank, streaming_top_rank
+from detection.ml.nab import streaming_order_ratio, streaming_rank, streaming_top_rank
 from detection.ml.novelty import NearestNeighbourNoveltyDetector, nn_novelty, raw_metric_columns
 
 
@@ -135,17 +136,69 @@ def test_streaming_top_rank_bar_does_not_fall_with_the_length_of_the_history():
     assert streaming_rank(np.r_[long, long[-10]], len(long))[-1] > streaming_rank(np.r_[short, short[-10]], 100)[-1]
 
 
+# --- the "ratio" calibration ---------------------------------------------------------------------
+
+def test_streaming_order_ratio_divides_by_the_geometric_mean_of_the_chosen_ranks():
+    scores = np.array([1.0, 2.0, 4.0, 8.0, 16.0, 3.0, np.nan, 100.0])
+    ratio = streaming_order_ratio(scores, 5, ranks=(2, 4))  # rows 0-4 are the reference
+    assert np.isnan(ratio[:5]).all() and np.isnan(ratio[6])
+    # row 5: ranks 2-4 of {16, 8, 4, 2, 1} are 8, 4, 2 (geometric mean 4); row 7: of {16, 8, 4, 3, 2, 1}
+    # they are 8, 4, 3 (the NaN of row 6 is not remembered).
+    np.testing.assert_allclose(ratio[[5, 7]], [3 / 4, 100 / (8 * 4 * 3) ** (1 / 3)])
+
+
+def test_streaming_order_ratio_uses_what_there_is_while_the_history_is_short():
+    scores = np.array([2.0, 8.0, 4.0, 6.0])
+    ratio = streaming_order_ratio(scores, 0, ranks=(2, 3))
+    # row 0: nothing earlier; row 1: fewer than 2 earlier, the lowest (2); row 2: ranks 2-3 of {8, 2}
+    # is 2 alone; row 3: ranks 2-3 of {8, 4, 2} are 4 and 2.
+    assert np.isnan(ratio[0])
+    np.testing.assert_allclose(ratio[1:], [8 / 2, 4 / 2, 6 / np.sqrt(8)])
+
+
+def test_streaming_order_ratio_does_not_depend_on_the_unit_and_tells_a_tall_spike_from_noise():
+    rng = np.random.default_rng(3)
+    scores = rng.exponential(size=500)
+    scores[400] = 40.0
+    ratio = streaming_order_ratio(scores, 100)
+    np.testing.assert_allclose(streaming_order_ratio(1000.0 * scores, 100), ratio)
+    assert ratio[400] > 5 and np.nanmax(np.delete(ratio[100:], 300)) < 2
+    # A spike only a little above the earlier top scores is a new maximum all the same: the top rank
+    # gives it 1 like the tall one, the ratio does not.
+    mild = scores.copy()
+    mild[400] = np.sort(scores[:400])[-1] * 1.01
+    assert streaming_top_rank(mild, 100)[400] == streaming_top_rank(scores, 100)[400] == 1.0
+    assert streaming_order_ratio(mild, 100)[400] < ratio[400] / 5
+
+
+def test_streaming_order_ratio_refuses_ranks_out_of_order():
+    with pytest.raises(ValueError, match="ranks"):
+        streaming_order_ratio(np.ones(5), 1, ranks=(9, 8))
+    with pytest.raises(ValueError, match="ranks"):
+        streaming_order_ratio(np.ones(5), 1, ranks=(0, 8))
+
+
+def test_suppression_window_is_the_detectors_own_unless_the_environment_names_one(monkeypatch):
+    assert nab_suppress_rows("nn_novelty") == 20 and nab_suppress_rows("robust_z") == 50
+    monkeypatch.setattr(evaluation, "_NAB_SUPPRESS_OVERRIDE", "30")
+    assert nab_suppress_rows("nn_novelty") == nab_suppress_rows("robust_z") == 30
+    monkeypatch.setattr(evaluation, "_NAB_SUPPRESS_OVERRIDE", "0")
+    with pytest.raises(EvaluationError, match="VIGIL_NAB_SUPPRESS_ROWS"):
+        nab_suppress_rows("nn_novelty")
+
+
 @pytest.mark.django_db
 def test_evaluate_nab_uses_the_detectors_own_calibration_unless_told(shared_data, tmp_path):
     from tests.test_evaluation import _nab_layout
 
     root = _nab_layout(tmp_path / "nab", shared_data)
     novelty = evaluate_nab(path=root, config={"algorithm": "nn_novelty"})
-    assert novelty.calibration == "top_suppress" and novelty.as_dict()["calibration"] == "top_suppress"
+    assert novelty.calibration == "ratio_suppress" and novelty.as_dict()["calibration"] == "ratio_suppress"
+    assert novelty.suppress_rows == 20 and novelty.as_dict()["suppress_rows"] == 20
     # Measured: both windows detected (the shift at its first row, the spike mid-window).
     assert novelty.profiles["standard"].detected_windows == 2
     assert evaluate_nab(path=root, config={"algorithm": "robust_z"}).calibration == "rank_suppress"
     told = evaluate_nab(path=root, config={"algorithm": "nn_novelty"}, calibration="rank")
-    assert told.calibration == "rank"
+    assert told.calibration == "rank" and told.suppress_rows is None
     with pytest.raises(EvaluationError, match="calibration must be one of"):
         evaluate_nab(path=root, config={"algorithm": "nn_novelty"}, calibration="nope")

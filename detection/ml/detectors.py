@@ -150,6 +150,8 @@ class AnomalyDetector:
     # How evaluate_nab turns this detector's scores into one corpus-wide scale when the caller
     # names none (detection.evaluation.NAB_CALIBRATIONS).
     nab_calibration = "rank_suppress"
+    # Rows over which *_suppress keeps only new highs (detection.evaluation.nab_suppress_rows).
+    nab_suppress_rows = 50
     hyperparameters = {
         "contamination": {"default": 0.03, "min": 0.001, "max": 0.5},
         "n_estimators": {"default": 300, "min": 10, "max": 2000},

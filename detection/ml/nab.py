@@ -403,6 +403,49 @@ def streaming_top_rank(scores, start: int) -> np.ndarray:
     return out
 
 
+ORDER_RATIO_RANKS = (8, 16)
+
+
+def streaming_order_ratio(scores, start: int, *, ranks: tuple[int, int] = ORDER_RATIO_RANKS,
+                          floor: float = 1e-12) -> np.ndarray:
+    """Each score divided by the geometric mean of the lo-th to hi-th highest scores before it.
+
+    scores: n raw anomaly scores of one file, in time order, meant to be non-negative (a distance, a
+    novelty); rows before `start` form the reference and get NaN, as in streaming_rank. ranks:
+    (lo, hi), 1 <= lo <= hi. Row t >= start gets s_t / q_t, q_t the geometric mean of the earlier
+    scores ranked lo .. hi from the top (all of them while fewer than hi are known; the lowest one
+    while fewer than lo are), at least `floor`; NaN where no earlier score exists. NaN scores stay
+    NaN and are not remembered. Causal and monotone in the score at any one time.
+
+    Why: streaming_top_rank's threshold is a count ("among the K highest so far"), which ignores
+    by how much a score stands out; this one is a multiple of a high order statistic of the file's
+    own history, the way SPOT (Siffer et al., "Anomaly Detection in Streams with Extreme Value
+    Theory", KDD 2017) starts from a high empirical quantile of the stream and sets its alarm level
+    relative to it. A file whose top scores are all alike (noise) needs a score well above them; a
+    file with a few towering earlier spikes still alarms on a clear new event below them. The
+    reference is the geometric mean of a band of order statistics rather than one of them, so it
+    moves smoothly as the history fills. O(n log n) searches, O(n^2) worst-case list inserts.
+    Raises ValueError for ranks outside 1 <= lo <= hi or floor <= 0.
+    """
+    lo, hi = ranks
+    if not 1 <= lo <= hi or floor <= 0:
+        raise ValueError(f"ranks must satisfy 1 <= lo <= hi and floor > 0, got {ranks} and {floor}")
+    scores = np.asarray(scores, dtype="float64")
+    out = np.full(len(scores), np.nan)
+    history = sorted(x for x in scores[:start] if not math.isnan(x))
+    for t in range(max(start, 0), len(scores)):
+        x = scores[t]
+        if math.isnan(x):
+            continue
+        n = len(history)
+        if n:
+            band = history[max(0, n - hi):n - lo + 1] if n >= lo else history[:1]
+            reference = math.exp(sum(math.log(max(v, floor)) for v in band) / len(band))
+            out[t] = x / max(reference, floor)
+        bisect.insort(history, x)
+    return out
+
+
 def suppress_repeats(scores, window: int) -> np.ndarray:
     """Keep a score only where it is a new high of the last `window` rows; 0 elsewhere.
 

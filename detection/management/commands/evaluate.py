@@ -1,5 +1,6 @@
 """python manage.py evaluate {nab,skab,cmapss} PATH [--detector NAME|all] [--json FILE]
-[--results-dir DIR] [--predictions-dir DIR] [--calibration rank_suppress|rank|top_suppress|top|none]
+[--results-dir DIR] [--predictions-dir DIR]
+[--calibration rank_suppress|rank|top_suppress|top|ratio_suppress|ratio|none]
 [--degraded-cycles N]
 [--train-cycles K] [--keep]"""
 import json
@@ -46,8 +47,9 @@ class Command(BaseCommand):
                             help="nab (default: the detector's own, rank_suppress for all but nn_novelty): "
                                  "'rank_suppress': 'rank', then only new highs of the recent rows count; 'rank' "
                                  "turns each score into its rank among the file's earlier scores; 'top' into "
-                                 "1 / (1 + the number of earlier scores at least as high), 'top_suppress' then "
-                                 "suppresses repeats; 'none' sweeps the raw scores")
+                                 "1 / (1 + the number of earlier scores at least as high), 'ratio' into its "
+                                 "ratio to the geometric mean of the 8th-16th highest earlier scores; "
+                                 "'*_suppress' then suppresses repeats; 'none' sweeps the raw scores")
         parser.add_argument("--degraded-cycles", type=int,
                             help="cmapss: the last N cycles of each engine are anomalous (default 30)")
         parser.add_argument("--train-cycles", type=int,
@@ -152,7 +154,8 @@ class Command(BaseCommand):
     def _report_nab(self, result):
         self.stdout.write(f"\nNAB, {result.files} files, {result.scored_rows:,} scored rows (detector "
                           f"{result.detector}; one model per file, trained on its probationary rows; "
-                          f"calibration {result.calibration})")
+                          f"calibration {result.calibration}"
+                          f"{f' over {result.suppress_rows} rows' if result.suppress_rows else ''})")
         self.stdout.write(f"{'profile':<20} {'score':>7} {'threshold':>10} {'windows':>9} {'FP rows':>8}")
         for p in result.profiles.values():
             threshold = "never" if math.isinf(p.threshold) else f"{p.threshold:.5g}"
