@@ -366,17 +366,8 @@ def streaming_rank(scores, start: int) -> np.ndarray:
     scale: the corpus-wide threshold of NAB's sweeper then means "above this share of the file's
     own history". O(n log n) searches, O(n^2) worst-case list inserts (fast below ~10^5 rows).
     """
-    scores = np.asarray(scores, dtype="float64")
-    out = np.full(len(scores), np.nan)
-    history = sorted(x for x in scores[:start] if not math.isnan(x))
-    for t in range(max(start, 0), len(scores)):
-        x = scores[t]
-        if math.isnan(x):
-            continue
-        if history:
-            out[t] = bisect.bisect_left(history, x) / len(history)
-        bisect.insort(history, x)
-    return out
+    return _streaming(scores, start, lambda history, x: bisect.bisect_left(history, x) / len(history)
+                      if history else math.nan)
 
 
 def streaming_top_rank(scores, start: int) -> np.ndarray:
@@ -391,16 +382,7 @@ def streaming_top_rank(scores, start: int) -> np.ndarray:
     share of rows, so a long file does not earn more alarms than a short one (NAB gives each file a
     few windows whatever its length). O(n log n) searches, O(n^2) worst-case list inserts.
     """
-    scores = np.asarray(scores, dtype="float64")
-    out = np.full(len(scores), np.nan)
-    history = sorted(x for x in scores[:start] if not math.isnan(x))
-    for t in range(max(start, 0), len(scores)):
-        x = scores[t]
-        if math.isnan(x):
-            continue
-        out[t] = 1.0 / (1 + len(history) - bisect.bisect_left(history, x))
-        bisect.insort(history, x)
-    return out
+    return _streaming(scores, start, lambda history, x: 1.0 / (1 + len(history) - bisect.bisect_left(history, x)))
 
 
 ORDER_RATIO_RANKS = (8, 16)
@@ -430,6 +412,22 @@ def streaming_order_ratio(scores, start: int, *, ranks: tuple[int, int] = ORDER_
     lo, hi = ranks
     if not 1 <= lo <= hi or floor <= 0:
         raise ValueError(f"ranks must satisfy 1 <= lo <= hi and floor > 0, got {ranks} and {floor}")
+
+    def ratio(history: list, x: float) -> float:
+        n = len(history)
+        if not n:
+            return math.nan
+        band = history[max(0, n - hi):n - lo + 1] if n >= lo else history[:1]
+        reference = math.exp(sum(math.log(max(v, floor)) for v in band) / len(band))
+        return x / max(reference, floor)
+
+    return _streaming(scores, start, ratio)
+
+
+def _streaming(scores, start: int, value) -> np.ndarray:
+    """The loop of the streaming calibrations: row t >= start gets value(history, s_t), history the
+    sorted non-NaN scores before t (those before `start` included); rows before start and NaN scores
+    get NaN, and NaN scores are not remembered."""
     scores = np.asarray(scores, dtype="float64")
     out = np.full(len(scores), np.nan)
     history = sorted(x for x in scores[:start] if not math.isnan(x))
@@ -437,11 +435,7 @@ def streaming_order_ratio(scores, start: int, *, ranks: tuple[int, int] = ORDER_
         x = scores[t]
         if math.isnan(x):
             continue
-        n = len(history)
-        if n:
-            band = history[max(0, n - hi):n - lo + 1] if n >= lo else history[:1]
-            reference = math.exp(sum(math.log(max(v, floor)) for v in band) / len(band))
-            out[t] = x / max(reference, floor)
+        out[t] = value(history, x)
         bisect.insort(history, x)
     return out
 
