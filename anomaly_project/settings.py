@@ -258,6 +258,9 @@ SPECTACULAR_SETTINGS = {
 MAX_BATCH_SIZE = envint("VIGIL_MAX_BATCH_SIZE", 500)
 # Seconds an API process trusts a token it has verified (detection.api.authentication); 0 = every request.
 VIGIL_API_TOKEN_CACHE_SECONDS = envint("VIGIL_API_TOKEN_CACHE_SECONDS", 10)
+# Seconds an API process keeps which model version is a fleet's production one (detection.serving);
+# a promotion or rollback made in another process is served within this time.
+VIGIL_SERVING_PRODUCTION_CACHE_SECONDS = envfloat("VIGIL_SERVING_PRODUCTION_CACHE_SECONDS", 1.0)
 # Most rows (and bytes, for a CSV upload) one POST /api/v1/fleets/{name}/telemetry/ may carry.
 VIGIL_MAX_INGEST_ROWS = envint("VIGIL_MAX_INGEST_ROWS", 100_000)
 VIGIL_MAX_INGEST_BYTES = envint("VIGIL_MAX_INGEST_BYTES", 20 * 1024 * 1024)

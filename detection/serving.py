@@ -31,7 +31,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -43,6 +42,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import psycopg
+from django.conf import settings
 from django.db import connections
 from django.db.models.signals import post_delete, post_save
 
@@ -131,9 +131,8 @@ FLEET_CACHE_SECONDS = 10.0
 _fleets: dict[str, tuple[float, Fleet]] = {}
 # The same for a fleet's devices as scoring reads them (_devices_and_production), and for which model
 # version is the fleet's production one: a promotion or rollback in this process is seen at once
-# (post_save), one made by another process within PRODUCTION_CACHE_SECONDS.
+# (post_save), one made by another process within settings.VIGIL_SERVING_PRODUCTION_CACHE_SECONDS.
 DEVICE_CACHE_SECONDS = FLEET_CACHE_SECONDS
-PRODUCTION_CACHE_SECONDS = float(os.environ.get("VIGIL_SERVING_PRODUCTION_CACHE_SECONDS", "1"))
 _devices: dict[int, dict[str, tuple[float, "_DeviceRow"]]] = {}  # fleet id -> {external id: (expiry, row)}
 _production: dict[int, tuple[float, tuple[int, str] | None]] = {}  # fleet id -> (expiry, (id, checksum))
 
@@ -479,7 +478,7 @@ def _devices_and_production(fleet: Fleet, external_ids: set[str]
     the fleet's production model version or None).
 
     Both come from this process's cache when it holds them (devices for DEVICE_CACHE_SECONDS, the
-    production pointer for PRODUCTION_CACHE_SECONDS); what it lacks is read in one raw query, a round
+    production pointer for settings.VIGIL_SERVING_PRODUCTION_CACHE_SECONDS); what it lacks is read in one raw query, a round
     trip less than two. On PostgreSQL at 300 requests/s, that query was a third of the database's
     work and, with the server on the same two cores, took /detect's p99 from ~30 ms to over 100 ms.
     An unknown external id is looked up again on every call, so a device added anywhere scores at once.
@@ -504,7 +503,7 @@ def _devices_and_production(fleet: Fleet, external_ids: set[str]
     with _lock:
         _devices.setdefault(fleet.pk, {}).update(
             (external_id, (now + DEVICE_CACHE_SECONDS, device)) for external_id, device in read.items())
-        _production[fleet.pk] = (now + PRODUCTION_CACHE_SECONDS, pointer)
+        _production[fleet.pk] = (now + float(settings.VIGIL_SERVING_PRODUCTION_CACHE_SECONDS), pointer)
     return {**devices, **read}, pointer
 
 

@@ -136,9 +136,12 @@ def test_a_new_production_version_is_loaded_on_the_next_request(trained, viewer)
     assert serving.model_cache_info()[fleet.pk]["model_version_id"] == second.model_version_id
 
 
-def test_a_promotion_made_elsewhere_is_seen_within_the_production_cache_time(trained, viewer, monkeypatch):
+def test_a_promotion_made_elsewhere_is_seen_within_the_production_cache_time(trained, viewer, monkeypatch,
+                                                                             settings):
     """Another process's promotion sends no signal here: the production pointer read at most
-    PRODUCTION_CACHE_SECONDS ago is used until then, and the next request after that reloads."""
+    VIGIL_SERVING_PRODUCTION_CACHE_SECONDS ago is used until then, and the next request after that
+    reloads."""
+    settings.VIGIL_SERVING_PRODUCTION_CACHE_SECONDS = 30
     fleet, run = trained
     frame = load_telemetry_frame(fleet)
     obs = _observation(fleet, AnomalyResult.objects.filter(run=run).select_related("device").first(), frame)
@@ -148,7 +151,7 @@ def test_a_promotion_made_elsewhere_is_seen_within_the_production_cache_time(tra
     ModelVersion.objects.filter(pk=second.pk).update(status=ModelStatus.RETIRED)
     ModelVersion.objects.filter(pk=run.model_version_id).update(status=ModelStatus.PRODUCTION)
     assert viewer.post("/api/v1/detect", obs, format="json").json()["model_version"] == second.version
-    later = time.monotonic() + serving.PRODUCTION_CACHE_SECONDS + 0.01
+    later = time.monotonic() + 30.01
     monkeypatch.setattr(serving.time, "monotonic", lambda: later)
     assert viewer.post("/api/v1/detect", obs, format="json").json()["model_version"] == 1
 
