@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from detection.ml import suite  # noqa: F401  (registers the detectors)
 from detection import evaluation
 from detection.evaluation import EvaluationError, evaluate_nab, nab_suppress_rows
+from detection.ml import suite  # noqa: F401  (registers the detectors)
 from detection.ml.detectors import DETECTORS, AnomalyDetectorConfig, DetectorError, detector_metadata
 from detection.ml.nab import streaming_order_ratio, streaming_rank, streaming_top_rank
 from detection.ml.novelty import NearestNeighbourNoveltyDetector, nn_novelty, raw_metric_columns

@@ -30,7 +30,6 @@ from rest_framework.authtoken.models import Token
 from rest_framework.settings import api_settings
 from rest_framework.throttling import ScopedRateThrottle, SimpleRateThrottle, UserRateThrottle
 
-
 REDIS_KEY_PREFIX = "vigil:throttle:"
 _clients: dict[str, object] = {}
 _clients_lock = threading.Lock()

@@ -18,8 +18,8 @@ from detection.evaluation import (
     evaluate_skab,
 )
 from detection.ingest import IngestError
-from detection.ml.detectors import DETECTORS
 from detection.management.checks import migrated_database
+from detection.ml.detectors import DETECTORS
 
 SHORT_PROFILE = {"standard": "standard", "reward_low_FP_rate": "low FP", "reward_low_FN_rate": "low FN"}
 PATH_HELP = {
