@@ -24,7 +24,7 @@ from django_htmx.http import HTMX_STOP_POLLING
 from django_htmx.middleware import HtmxDetails
 
 from . import selectors, services
-from .choices import Role, Trigger, Verdict
+from .choices import ModelStatus, Role, Trigger, Verdict
 from .filters import AnomalyResultFilterSet, DeviceFilterSet
 from .models import Device, Fleet, ModelVersion
 from .permissions import role_required
@@ -216,7 +216,12 @@ def run_start(request: HtmxHttpRequest, name: str) -> HttpResponse:
 
 def _model_versions_page(request: HtmxHttpRequest, fleet: Fleet, *, error: str = "", status: int = 200
                          ) -> HttpResponse:
-    context = {"fleet": fleet, "versions": selectors.model_version_list(fleet=fleet), "error": error}
+    versions = selectors.model_version_list(fleet=fleet)
+    # Rolling back needs a production model and a retired one to go back to; without them the button
+    # would only lead to an error.
+    statuses = {v.status for v in versions}
+    context = {"fleet": fleet, "versions": versions, "error": error,
+               "can_roll_back": {ModelStatus.PRODUCTION, ModelStatus.RETIRED} <= statuses}
     return render(request, "detection/model_versions.html", context, status=status)
 
 

@@ -428,6 +428,15 @@ def test_rollback_restores_the_previous_production_model_and_is_audited(versions
     assert model_version_rollback(fleet=fleet, user=approver).pk == old.pk
 
 
+def test_rollback_button_shows_only_when_there_is_a_model_to_go_back_to(client, scored):
+    """One production model and nothing retired: no button, which would only lead to an error."""
+    url = reverse("detection:model_versions", args=["demo"])
+    content = login(client, "approver").get(url).content.decode()
+    assert "Production" in content and "Roll back" not in content
+    ModelVersionFactory(fleet=scored[0], version=9, status=ModelStatus.RETIRED)
+    assert "Roll back" in client.get(url).content.decode()
+
+
 def test_rollback_without_production_says_so(scored):
     ModelVersion.objects.update(status=ModelStatus.RETIRED)
     with pytest.raises(ModelVersionError, match="no production model"):
