@@ -166,6 +166,8 @@ def _forget_fleet(sender, instance: Fleet, **kwargs) -> None:
     with _lock:
         for name in [n for n, (_, f) in _fleets.items() if f.pk == instance.pk or n == instance.name]:
             del _fleets[name]  # a renamed fleet is forgotten under its old name too
+        _devices.pop(instance.pk, None)  # a fleet deleted and made again may get the same id (SQLite)
+        _production.pop(instance.pk, None)
 
 
 post_save.connect(_forget_fleet, sender=Fleet, dispatch_uid="serving-forget-fleet-save")
