@@ -238,3 +238,33 @@ def test_errors_name_the_field_and_index_before_any_model_is_needed():
     with pytest.raises(serving.NoProductionModel) as err:  # valid observations, no model yet: 409
         serving.detect_observations(fleet=fleet, observations=[good])
     assert err.value.status == 409 and "fast-errors" in str(err.value)
+
+
+@pytest.mark.django_db
+def test_device_level_explanations_are_the_same_online(monkeypatch):
+    """The hybrid model's temporal columns make device-level candidates of the top metrics; the online
+    path gives the pandas path's entries for them (values, device statistics, fall-back level)."""
+    fleet = _train("fast-device-level")
+    online = serving.model_load(fleet=fleet).online
+    assert online is not None and len(online.device_columns)
+    assert {online.top_features[len(online.features) + k] for k in range(len(online.device_columns))} == \
+        {f"{m}_roll_mean" for m in fleet.metric_names}
+    metrics = fleet.metric_names
+    frame = load_telemetry_frame(fleet)
+    device = frame["external_id"].iloc[0]
+    # The device's last 18 stored samples with its free storage 8 points lower: anomalies whose entries
+    # include device-level ones (the rolling means against the device's own baseline).
+    shifted = []
+    for row in frame[frame["external_id"] == device].tail(18).itertuples(index=False):
+        o = _observation(row, metrics)
+        o["metrics"]["storage_free"] = (o["metrics"]["storage_free"] or 50.0) - 8.0
+        shifted.append(o)
+    answers = _both(fleet, shifted, monkeypatch)
+    assert sum(a["is_anomaly"] for a in answers) >= 5
+    device_level = [e for a in answers for e in a["top_metrics"] if e["level"] == "device"]
+    assert device_level and all(e["feature"].endswith("_roll_mean") for e in device_level)
+    # A device the baselines never saw: its device-level candidates take the cohort's statistics.
+    DeviceFactory(fleet=fleet, external_id="fresh-device-level", **{
+        c: frame[frame["external_id"] == device][c].iloc[0] for c in ("manufacturer", "model", "os_version")})
+    fresh = [{**o, "device_id": "fresh-device-level"} for o in shifted[-3:]]
+    _both(fleet, fresh, monkeypatch)

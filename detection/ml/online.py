@@ -37,7 +37,7 @@ import pandas as pd
 from baselines.engine import MAD_TO_SIGMA, PARENT
 
 from .features import FeatureConfig, feature_kind, window_mean_std
-from .scoring import COHORT_COLUMNS, ScoreResult, _num, severity_from_score
+from .scoring import COHORT_COLUMNS, ScoreResult, _num, device_candidates, severity_from_score
 
 # engineer()'s blocks: the value, then build_features' columns of each metric, by suffix.
 BLOCKS = ("", "_roll_mean", "_roll_std", "_delta", "_cohort_norm", "_resid")
@@ -308,9 +308,15 @@ class OnlineModel:
         self.feature_block = np.array([names[f][0] for f in self.features], dtype=np.int64)
         self.feature_metric = np.array([names[f][1] for f in self.features], dtype=np.int64)
         self.metric_of = [self.metrics[j] for j in self.feature_metric]
-        self.kinds = [feature_kind(f, m) for f, m in zip(self.features, self.metric_of)]
+        # Top-metric candidates (scoring.top_metrics): the features at the z level, then those whose
+        # device-level z is a temporal column of the detector, at the device level.
+        self.device_columns = np.array(device_candidates(detector, self.features, self.z_level) if self.hybrid
+                                       else [], dtype=np.int64)
+        self.top_features = self.features + [self.features[i] for i in self.device_columns]
+        top_metric_of = self.metric_of + [self.metric_of[i] for i in self.device_columns]
+        self.kinds = [feature_kind(f, m) for f, m in zip(self.top_features, top_metric_of)]
         self.top_metric_names = list(dict.fromkeys(self.metric_of))
-        self.metric_columns = [np.flatnonzero(np.array(self.metric_of) == m) for m in self.top_metric_names]
+        self.metric_columns = [np.flatnonzero(np.array(top_metric_of) == m) for m in self.top_metric_names]
         # Model inputs by name: z at z_level of each feature, then the temporal columns.
         inputs = {f"{f}_z_{self.z_level}": ("z", i) for i, f in enumerate(self.features)}
         self.temporal = config.temporal
@@ -360,14 +366,14 @@ class OnlineModel:
         x = blocks[self.feature_block, :, self.feature_metric].T  # rows x features
         shape = (k, len(self.features))
         median, mad, device_median, device_mad = (np.empty(shape) for _ in range(4))
-        used = np.empty(shape, dtype=object)
+        used, device_used = np.empty(shape, dtype=object), np.empty(shape, dtype=object)
         seen: dict[str, tuple] = {}  # lookups per device
         for i, attrs in enumerate(attributes):
             key = attrs["external_id"]
             got = seen.get(key)
             if got is None:
-                got = seen[key] = (*self.tables.lookup(attrs, self.z_level), *self.tables.lookup(attrs, "device")[:2])
-            median[i], mad[i], used[i], device_median[i], device_mad[i] = got
+                got = seen[key] = (*self.tables.lookup(attrs, self.z_level), *self.tables.lookup(attrs, "device"))
+            median[i], mad[i], used[i], device_median[i], device_mad[i], device_used[i] = got
         with np.errstate(all="ignore"):
             z = (x - median) / (MAD_TO_SIGMA * mad)
             device_z = (x - device_median) / (MAD_TO_SIGMA * device_mad)
@@ -391,7 +397,13 @@ class OnlineModel:
         top: list[list[dict]] = [[] for _ in range(k)]
         idx = np.flatnonzero(labels == -1)
         if len(idx):
-            explained = self._top_metrics(x[idx], median[idx], mad[idx], used[idx], metric_domain)
+            dev = self.device_columns
+            if len(dev):  # the device-level candidates, as extra columns (scoring.top_metrics)
+                cand = (np.hstack([a[idx], d[idx][:, dev]]) for a, d in
+                        ((x, x), (median, device_median), (mad, device_mad), (used, device_used)))
+            else:
+                cand = (x[idx], median[idx], mad[idx], used[idx])
+            explained = self._top_metrics(*cand, metric_domain)
             max_z = np.array([abs(t[0]["z"]) if t and t[0]["z"] is not None else 0.0 for t in explained])
             impact = np.array([self._impact(t, attributes[i]) for t, i in zip(explained, idx)]) \
                 if self.impact_weights else 1.0
@@ -401,7 +413,8 @@ class OnlineModel:
         return ScoreResult(scores, labels, self.threshold, severity, top)
 
     def _top_metrics(self, x, median, mad, used, metric_domain) -> list[list[dict]]:
-        """scoring.top_metrics on arrays (rows x features, the z level's statistics)."""
+        """scoring.top_metrics on arrays: rows x candidates (top_features: the features with the z level's
+        statistics, then the device_columns with the device level's)."""
         spread = 1.4826 * mad
         with np.errstate(all="ignore"):
             z = (x - median) / spread
@@ -422,7 +435,7 @@ class OnlineModel:
                 if best_abs[r, j] < 0:
                     continue
                 entries.append({
-                    "metric": metrics[j], "feature": self.features[c], "kind": self.kinds[c],
+                    "metric": metrics[j], "feature": self.top_features[c], "kind": self.kinds[c],
                     "domain": metric_domain.get(metrics[j], "other"),
                     "value": _num(x[r, c]), "typical": _num(median[r, c]), "mad": _num(mad[r, c]),
                     "z": _num(z[r, c]), "level": str(used[r, c]),

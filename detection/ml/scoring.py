@@ -4,9 +4,14 @@ Severity: the top metric's |robust z| times a business-impact weight (per metric
 value, settings.VIGIL_DETECTION["impact_weights"]), banded by the configurable thresholds
 ("severity_z": medium, high, critical).
 
-Top metrics rank each source metric by the largest |robust z-score| among its engineered features
-(the z-scores that baselines.engine.apply_baselines added), and report that feature's value, its
-typical value (the baseline median at the level that applied after fall-back) and its MAD.
+Top metrics rank each source metric by the largest |robust z-score| among its candidates, and report
+that candidate's feature value, its typical value (the baseline median at the level that applied after
+fall-back) and its MAD. The candidates of a metric are its engineered features at the model's z level
+(the z-scores that baselines.engine.apply_baselines added) and, for a detector whose temporal columns
+are device-level z-scores of features (HybridAnomalyDetector's ``<feature>_z_device``), those features
+at the device level: an anomaly that the temporal score raised (a device whose rolling mean left its
+own baseline while staying inside its cohort's range) is explained, and its severity banded, by the
+metric that drove it.
 """
 from __future__ import annotations
 
@@ -33,7 +38,8 @@ class ScoreResult:
     normal rows. top_metrics: for anomalies, a list of dicts (metric, feature, kind, domain,
     value, typical, mad, z, level), |z| descending; [] for normal rows. kind says which of the
     metric's engineered features was most abnormal (features.FEATURE_KINDS), and value/typical
-    are that feature's, in the metric's unit.
+    are that feature's, in the metric's unit. level is the baseline level the z was taken at: the
+    z level (or its fall-back), or "device" for a hybrid detector's temporal column (top_metrics).
     """
 
     scores: np.ndarray
@@ -117,14 +123,41 @@ def score_frame(
     return ScoreResult(scores, labels, float(detector.threshold_), severity, top)
 
 
+def device_candidates(detector, features: list[str], level: str) -> list[int]:
+    """Positions in `features` of those whose device-level robust z-score (``<feature>_z_device``) is one
+    of the detector's temporal columns (HybridAnomalyDetector.temporal_features_), in `features` order;
+    [] for a detector without such columns or when `level` is already "device" (the z level's entries
+    are then those same candidates)."""
+    temporal = set(getattr(detector, "temporal_features_", None) or ())
+    if not temporal or level == "device":
+        return []
+    return [i for i, f in enumerate(features) if f"{f}_z_device" in temporal]
+
+
 def top_metrics(rows: pd.DataFrame, *, features: list[str], feature_metric: dict[str, str],
                 metric_domain: dict[str, str], baselines: BaselineSet | None, level: str, detector=None,
                 top_k: int = 5) -> list[list[dict]]:
-    """The top_k metrics of each row by |robust z|; see ScoreResult.top_metrics for the entries."""
+    """The top_k metrics of each row by |robust z|; see ScoreResult.top_metrics for the entries.
+
+    rows: anomalies x (features, group columns). With baselines, each metric's candidates are its
+    features at `level` and, for the features whose device-level z the detector reads as a temporal
+    column (device_candidates), the same features at the device level (statistics after fall-back, so
+    a device the baselines never saw reports its parent level); the candidate with the largest |z|
+    wins, the z level's on a tie. Without baselines, the detector's training mean and scale.
+    """
     features = [f for f in features if f in rows.columns and (baselines is None or f in baselines.features)]
     x = rows[features].to_numpy(dtype="float64")
     if baselines is not None:
         median, mad, used = lookup(rows, baselines, level, features, with_levels=True)
+        dev = device_candidates(detector, features, level) if "device" in baselines.levels else []
+        if dev:
+            # The temporal score's columns as extra candidates: the same feature values against the
+            # device's own median and MAD (the arithmetic of apply_baselines, so z is the model's input).
+            names = [features[i] for i in dev]
+            d_median, d_mad, d_used = lookup(rows, baselines, "device", names, with_levels=True)
+            x = np.hstack([x, x[:, dev]])
+            median, mad, used = np.hstack([median, d_median]), np.hstack([mad, d_mad]), np.hstack([used, d_used])
+            features = features + names
         spread = 1.4826 * mad
     else:
         kept = [f for f in features if f in getattr(detector, "features_", [])]
