@@ -133,14 +133,14 @@ def compute_baselines(
         parent = PARENT[level]
         if parent is not None:
             weak = (count < min_rows) | ~(own_mad > 0)
-            if weak.to_numpy().any():
+            floored = level == "device" and device_mad_floor > 0
+            if floored or weak.to_numpy().any():
                 p_median, p_mad = _parent_stats_for(df, cols, group_columns[parent], resolved[parent], own_median.index)
                 median = median.mask(weak, p_median)
                 mad = mad.mask(weak, p_mad)
                 fallback = fallback.mask(weak, parent)
-            if level == "device" and device_mad_floor > 0:
-                _, p_mad = _parent_stats_for(df, cols, group_columns[parent], resolved[parent], own_median.index)
-                mad = np.fmax(mad, device_mad_floor * p_mad)
+                if floored:
+                    mad = np.fmax(mad, device_mad_floor * p_mad)
         else:
             fallback_scale = _mean_abs_dev_scale(values).to_numpy()
             fallback_scale = np.where(fallback_scale > 0, fallback_scale, 1.0)

@@ -480,8 +480,8 @@ def _devices_and_production(fleet: Fleet, external_ids: set[str]
     the fleet's production model version or None).
 
     Both come from this process's cache when it holds them (devices for DEVICE_CACHE_SECONDS, the
-    production pointer for settings.VIGIL_SERVING_PRODUCTION_CACHE_SECONDS); what it lacks is read in one raw query, a round
-    trip less than two. On PostgreSQL at 300 requests/s, that query was a third of the database's
+    production pointer for settings.VIGIL_SERVING_PRODUCTION_CACHE_SECONDS); what it lacks is read
+    in one raw query, a round trip less than two. On PostgreSQL at 300 requests/s, that query was a third of the database's
     work and, with the server on the same two cores, took /detect's p99 from ~30 ms to over 100 ms.
     An unknown external id is looked up again on every call, so a device added anywhere scores at once.
     """

@@ -14,7 +14,7 @@ import pytest
 from baselines.engine import compute_baselines
 from detection.ingest.synthetic import generate_fleet
 from detection.ml.features import FeatureConfig, build_features, build_features_at, resid_scales
-from detection.ml.scoring import _num, top_metrics
+from detection.ml.scoring import top_metrics
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +85,10 @@ def test_features_of_some_rows_refuse_an_unsorted_frame_and_rows_outside_it(tele
     with pytest.raises(KeyError, match="nope"):
         build_features_at(df, [0], [*metrics, "nope"])
     assert len(build_features_at(df, [], metrics).frame) == 0
+
+
+def _num(v: float) -> float | None:
+    return round(float(v), 4) if np.isfinite(v) else None
 
 
 def _top_metrics_per_entry(rows, *, features, feature_metric, metric_domain, baselines, level, top_k):

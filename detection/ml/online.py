@@ -37,7 +37,7 @@ import pandas as pd
 from baselines.engine import MAD_TO_SIGMA, PARENT
 
 from .features import FeatureConfig, feature_kind, window_mean_std
-from .scoring import COHORT_COLUMNS, ScoreResult, _num, device_candidates, severity_from_score
+from .scoring import COHORT_COLUMNS, ScoreResult, device_candidates, ranked_entries, severity_from_score
 
 # engineer()'s blocks: the value, then build_features' columns of each metric, by suffix.
 BLOCKS = ("", "_roll_mean", "_roll_std", "_delta", "_cohort_norm", "_resid")
@@ -310,8 +310,7 @@ class OnlineModel:
         self.metric_of = [self.metrics[j] for j in self.feature_metric]
         # Top-metric candidates (scoring.top_metrics): the features at the z level, then those whose
         # device-level z is a temporal column of the detector, at the device level.
-        self.device_columns = np.array(device_candidates(detector, self.features, self.z_level) if self.hybrid
-                                       else [], dtype=np.int64)
+        self.device_columns = np.array(device_candidates(detector, self.features, self.z_level), dtype=np.int64)
         self.top_features = self.features + [self.features[i] for i in self.device_columns]
         top_metric_of = self.metric_of + [self.metric_of[i] for i in self.device_columns]
         self.kinds = [feature_kind(f, m) for f, m in zip(self.top_features, top_metric_of)]
@@ -415,33 +414,12 @@ class OnlineModel:
     def _top_metrics(self, x, median, mad, used, metric_domain) -> list[list[dict]]:
         """scoring.top_metrics on arrays: rows x candidates (top_features: the features with the z level's
         statistics, then the device_columns with the device level's)."""
-        spread = 1.4826 * mad
         with np.errstate(all="ignore"):
-            z = (x - median) / spread
-        absz = np.where(np.isfinite(z), np.abs(z), -1.0)
-        n, metrics = len(x), self.top_metric_names
-        best_col = np.empty((n, len(metrics)), dtype=int)
-        best_abs = np.empty((n, len(metrics)))
-        for j, cols in enumerate(self.metric_columns):
-            pick = cols[np.argmax(absz[:, cols], axis=1)]
-            best_col[:, j] = pick
-            best_abs[:, j] = absz[np.arange(n), pick]
-        order = np.argsort(-best_abs, axis=1)[:, :self.top_k]
-        out = []
-        for r in range(n):
-            entries = []
-            for j in order[r]:
-                c = best_col[r, j]
-                if best_abs[r, j] < 0:
-                    continue
-                entries.append({
-                    "metric": metrics[j], "feature": self.top_features[c], "kind": self.kinds[c],
-                    "domain": metric_domain.get(metrics[j], "other"),
-                    "value": _num(x[r, c]), "typical": _num(median[r, c]), "mad": _num(mad[r, c]),
-                    "z": _num(z[r, c]), "level": str(used[r, c]),
-                })
-            out.append(entries)
-        return out
+            z = (x - median) / (1.4826 * mad)
+        return ranked_entries(x, median, mad, z, used, features=self.top_features, kinds=self.kinds,
+                              metrics=self.top_metric_names, metric_columns=self.metric_columns,
+                              domains=[metric_domain.get(m, "other") for m in self.top_metric_names],
+                              top_k=self.top_k)
 
     def _impact(self, top: list[dict], attributes: dict) -> float:
         """scoring.impact_of for one row: its top metric's domain and its cohort values."""

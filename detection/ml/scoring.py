@@ -170,31 +170,42 @@ def top_metrics(rows: pd.DataFrame, *, features: list[str], feature_metric: dict
         used = np.full(x.shape, "training", dtype=object)
     with np.errstate(all="ignore"):
         z = (x - median) / spread
-    absz = np.where(np.isfinite(z), np.abs(z), -1.0)
     metric_of = np.array([feature_metric.get(f, f) for f in features])
     metrics = list(dict.fromkeys(metric_of))
-    # For each metric, the column of its most abnormal feature.
-    best_col = np.empty((len(rows), len(metrics)), dtype=int)
-    best_abs = np.empty((len(rows), len(metrics)))
-    for j, m in enumerate(metrics):
-        cols = np.flatnonzero(metric_of == m)
+    return ranked_entries(x, median, mad, z, used, features=features,
+                          kinds=[feature_kind(f, feature_metric.get(f, f)) for f in features], metrics=metrics,
+                          metric_columns=[np.flatnonzero(metric_of == m) for m in metrics],
+                          domains=[metric_domain.get(m, "other") for m in metrics], top_k=top_k)
+
+
+def ranked_entries(x, median, mad, z, used, *, features: list[str], kinds: list[str], metrics: list[str],
+                   metric_columns: list[np.ndarray], domains: list[str], top_k: int) -> list[list[dict]]:
+    """The entries of ScoreResult.top_metrics, from rows x candidates arrays (value, typical value,
+    MAD, robust z, baseline level used) and the candidates' features and kinds: for each metric j
+    (metrics[j], domains[j]) the candidate of metric_columns[j] with the largest |z| (the first on a
+    tie), then the top_k metrics by that |z|; a metric whose z is not finite is left out. Shared by
+    top_metrics and detection.ml.online, so both paths rank and round alike."""
+    n = len(x)
+    absz = np.where(np.isfinite(z), np.abs(z), -1.0)
+    # For each metric, the column of its most abnormal candidate.
+    best_col = np.empty((n, len(metrics)), dtype=int)
+    best_abs = np.empty((n, len(metrics)))
+    for j, cols in enumerate(metric_columns):
         pick = cols[np.argmax(absz[:, cols], axis=1)]
         best_col[:, j] = pick
-        best_abs[:, j] = absz[np.arange(len(rows)), pick]
+        best_abs[:, j] = absz[np.arange(n), pick]
     order = np.argsort(-best_abs, axis=1)[:, :top_k]
     # The entries' values gathered as arrays, then turned into Python objects a column at a time: the
-    # same numbers as _num / str per value, without numpy scalar overhead per entry (a stream batch
+    # same numbers as rounding / str per value, without numpy scalar overhead per entry (a stream batch
     # explains thousands of anomalies).
-    r_idx = np.arange(len(rows))[:, None]
+    r_idx = np.arange(n)[:, None]
     col = best_col[r_idx, order]
     keep = (best_abs[r_idx, order] >= 0).tolist()
-    kinds = [feature_kind(f, feature_metric.get(f, f)) for f in features]  # c's metric is metrics[j]
-    domains = [metric_domain.get(m, "other") for m in metrics]
     value, typical, mad_, z_ = (_nums(a[r_idx, col]) for a in (x, median, mad, z))
     level = [[str(u) for u in r] for r in used[r_idx, col].tolist()]
     col, order = col.tolist(), order.tolist()
     out = []
-    for r in range(len(rows)):
+    for r in range(n):
         entries = []
         for k, j in enumerate(order[r]):
             if not keep[r][k]:
@@ -210,9 +221,7 @@ def top_metrics(rows: pd.DataFrame, *, features: list[str], feature_metric: dict
 
 
 def _nums(a: np.ndarray) -> list[list[float | None]]:
-    """_num of every value of a 2-D array, as nested lists."""
+    """Every value of a 2-D array as a float rounded to 4 decimals, None where it is not finite, as
+    nested lists."""
     return [[round(v, 4) if math.isfinite(v) else None for v in r] for r in np.asarray(a, dtype="float64").tolist()]
 
-
-def _num(v: float) -> float | None:
-    return round(float(v), 4) if np.isfinite(v) else None
