@@ -32,6 +32,7 @@ from .ingest.loader import ingest_batch, load_ground_truth, load_telemetry_frame
 from .ingest.readers import CMAPSS_EPOCH, read_cmapss, read_nab, read_skab
 from .ml.evaluation import BinaryMetrics, EarlyWarning, binary_metrics, early_warning, in_windows
 from .ml.nab import (
+    ORDER_RATIO_RANKS,
     NabError,
     NabSeries,
     ProfileScore,
@@ -176,6 +177,10 @@ class NabEvaluationResult:
     per_file: dict[str, dict] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     dataset: str = "nab"
+    # Each file's raw detector scores before calibration (every row; the probationary ones
+    # in-sample), for analyses that re-calibrate without re-running the detector
+    # (benchmarks/nab_transfer.py). A file whose training failed has none. Not in as_dict().
+    raw_series: list[NabSeries] = field(default_factory=list, repr=False)
     calibration: str = "rank_suppress"
     suppress_rows: int | None = None  # the *_suppress window; None when the calibration has none
 
@@ -254,7 +259,7 @@ def evaluate_nab(*, path: Path | str, results_dir: Path | str | None = None, kee
         suppress_rows = nab_suppress_rows(detection["algorithm"])
         frame = load_telemetry_frame(fleet)
         truth = load_ground_truth(fleet)
-        series, per_file, timings, warnings = [], {}, {}, {}
+        series, raw_series, per_file, timings, warnings = [], [], {}, {}, {}
         for device_id, idx in frame.groupby("device_id", sort=False).indices.items():
             rows = frame.iloc[idx].reset_index(drop=True)
             name = rows["external_id"].iat[0]
@@ -273,17 +278,16 @@ def evaluate_nab(*, path: Path | str, results_dir: Path | str | None = None, kee
                 warnings.setdefault(f"{exc}; scored as never detecting", []).append(name)
             else:
                 raw = output.result.scores  # every row, in time order; in-sample on the probationary ones
-                calibrate = _NAB_CALIBRATE.get(calibration.split("_")[0])
-                scores = calibrate(raw, probation) if calibrate else raw.copy()
-                scores[:probation] = np.nan
-                if calibration.endswith("_suppress"):
-                    scores = suppress_repeats(scores, suppress_rows)
+                scores = nab_calibrated(raw, probation, calibration, suppress_rows)
                 for stage, seconds in output.timings.items():
                     timings[stage] = round(timings.get(stage, 0.0) + seconds, 3)
                 for warning in output.warnings:
                     warnings.setdefault(warning, []).append(name)
             own = truth[truth["device_id"] == device_id]
-            series.append(NabSeries(name, rows["timestamp"], scores, list(zip(own["start"], own["end"]))))
+            windows = list(zip(own["start"], own["end"]))
+            series.append(NabSeries(name, rows["timestamp"], scores, windows))
+            if not np.isnan(scores).all():
+                raw_series.append(NabSeries(name, rows["timestamp"], np.asarray(raw, dtype="float64"), windows))
             per_file[name] = {"rows": len(rows), "probationary_rows": probation, "windows": len(own)}
         failed = sum(1 for s in series if np.isnan(s.scores).all())
         if failed == len(series):
@@ -303,10 +307,29 @@ def evaluate_nab(*, path: Path | str, results_dir: Path | str | None = None, kee
                                                               for s in series),
             time.perf_counter() - started, timings, detection, per_file, _collapse(warnings),
             calibration=calibration,
-            suppress_rows=suppress_rows if calibration.endswith("_suppress") else None)
+            suppress_rows=suppress_rows if calibration.endswith("_suppress") else None, raw_series=raw_series)
     finally:
         if not keep:
             fleet_delete(fleet=fleet)
+
+
+def nab_calibrated(raw, probation: int, calibration: str, suppress_rows: int, *,
+                   ranks: tuple[int, int] = ORDER_RATIO_RANKS) -> np.ndarray:
+    """One file's raw scores (n, time order; the first `probation` in-sample) as evaluate_nab sweeps
+    them: calibrated (one of NAB_CALIBRATIONS; ranks are the ratio's), NaN on the probationary rows,
+    repeats within suppress_rows suppressed for the *_suppress calibrations. Raises ValueError for
+    ranks or suppress_rows out of range (detection.ml.nab)."""
+    kind = calibration.split("_")[0]
+    if kind == "ratio":
+        scores = streaming_order_ratio(raw, probation, ranks=ranks)
+    elif kind in _NAB_CALIBRATE:
+        scores = _NAB_CALIBRATE[kind](raw, probation)
+    else:
+        scores = np.array(raw, dtype="float64")
+    scores[:probation] = np.nan
+    if calibration.endswith("_suppress"):
+        scores = suppress_repeats(scores, suppress_rows)
+    return scores
 
 
 def nab_calibration(algorithm: str) -> str:

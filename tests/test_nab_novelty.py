@@ -70,6 +70,14 @@ def test_the_window_bounds_what_counts_as_seen():
     assert nn_novelty(x, window=1000)[700] < 0.2 * nn_novelty(x, window=200)[700]
 
 
+def test_by_default_a_pattern_seen_ten_thousand_rows_earlier_is_not_novel_again():
+    # NAB's longest files run to 22,695 rows; the default search covers them whole.
+    x = 0.1 * _noise(11_000)
+    x[100] += 10.0
+    x[10_900] += 10.0
+    assert nn_novelty(x)[10_900] < 0.2 * nn_novelty(x, window=6400)[10_900]
+
+
 def test_a_flat_series_then_a_change_gives_a_finite_high_score():
     x = np.zeros(300)
     x[200:] = 1.0
@@ -202,3 +210,29 @@ def test_evaluate_nab_uses_the_detectors_own_calibration_unless_told(shared_data
     assert told.calibration == "rank" and told.suppress_rows is None
     with pytest.raises(EvaluationError, match="calibration must be one of"):
         evaluate_nab(path=root, config={"algorithm": "nn_novelty"}, calibration="nope")
+
+
+@pytest.mark.django_db
+def test_the_raw_scores_kept_by_evaluate_nab_recalibrate_to_its_own_result(shared_data, tmp_path):
+    # benchmarks/nab_transfer.py re-calibrates these raw scores instead of re-running the detector;
+    # that is only sound if they give back exactly what evaluate_nab scored.
+    from detection.ml.nab import load_profiles, nab_score, probationary_length
+    from tests.test_evaluation import _nab_layout
+
+    root = _nab_layout(tmp_path / "nab", shared_data)
+    result = evaluate_nab(path=root, config={"algorithm": "nn_novelty"})
+    assert [s.name for s in result.raw_series] == list(result.per_file)
+    for s in result.raw_series:  # every row, the probationary ones in-sample
+        assert not np.isnan(s.scores).any() and len(s.scores) == result.per_file[s.name]["rows"]
+    again = [type(s)(s.name, s.timestamps, evaluation.nab_calibrated(
+        s.scores, probationary_length(len(s.scores)), "ratio_suppress", 20), s.windows) for s in result.raw_series]
+    rescored = nab_score(again, load_profiles(root / "config" / "profiles.json"))
+    for name, profile in result.profiles.items():
+        assert rescored[name].score == pytest.approx(profile.score)
+        assert rescored[name].threshold == pytest.approx(profile.threshold)
+    # Another calibration of the same raw scores is another result (the function does calibrate).
+    ranked = [type(s)(s.name, s.timestamps, evaluation.nab_calibrated(
+        s.scores, probationary_length(len(s.scores)), "rank", 20), s.windows) for s in result.raw_series]
+    assert nab_score(ranked, load_profiles(root / "config" / "profiles.json"))["standard"].threshold <= 1.0
+    assert result.profiles["standard"].threshold != pytest.approx(
+        nab_score(ranked, load_profiles(root / "config" / "profiles.json"))["standard"].threshold)

@@ -70,7 +70,7 @@ def _kernel():
     return _KERNEL
 
 
-def nn_novelty(x, *, lengths: int = 3, window: int = 6400, floor: float = 1e-9, begin: int = 0) -> np.ndarray:
+def nn_novelty(x, *, lengths: int = 3, window: int = 25_000, floor: float = 1e-9, begin: int = 0) -> np.ndarray:
     """Nearest-neighbour novelty of each row of one series (see the module docstring).
 
     x: n values in time order (float; NaN is not allowed: impute first). lengths: the window
@@ -126,11 +126,15 @@ class NearestNeighbourNoveltyDetector(_SequentialDetector):
     nab_calibration = "ratio_suppress"
     nab_suppress_rows = 20
     LENGTHS = 3
-    WINDOW = 6400  # rows searched for a neighbour; NAB's windowed Gaussian keeps as many
+    # Rows searched for a neighbour: at least the longest NAB file (22,695 rows), so every row is
+    # compared with the file's whole past, as the ratio calibration's reference is. A shorter search
+    # makes patterns older than the window novel again: on the 41 files (all under 6,400 rows), a
+    # window of 1,600 rows scored 77.7 and of 800 rows 71.4, against 78.5 for the whole past.
+    WINDOW = 25_000
     HISTORY = 6400  # training rows kept as the past of frames that do not start with them
     hyperparameters = {**_CONTAMINATION,
                        "lengths": {"default": 3, "min": 1, "max": 12},
-                       "window": {"default": 6400, "min": 20, "max": 50000},
+                       "window": {"default": 25_000, "min": 20, "max": 100_000},
                        "columns": {"default": "raw", "choices": ["raw", "all"]}}
 
     def __init__(self, config=None, *, lengths: int | None = None, window: int | None = None,
