@@ -46,7 +46,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from .detectors import DetectorError, history_rows, register_detector, sequence_blocks
+from .detectors import SEQUENCE_KEY, DetectorError, history_rows, register_detector, sequence_blocks
 from .features import robust_center_scale
 from .suite import _MatrixDetector
 
@@ -86,6 +86,7 @@ class _SequentialDetector(_MatrixDetector):
     multivariate = False
     streaming = True
     HISTORY = 1000  # training rows kept as history for frames that do not start with them
+    WARMUP_ROWS = 20  # a device's first training rows, which do not set the threshold (_fit_threshold)
 
     def _fit_model(self, X: pd.DataFrame) -> None:
         matrix = self._imputed(X)
@@ -123,6 +124,19 @@ class _SequentialDetector(_MatrixDetector):
         """As _score_series, for one device's series: seq[0] is the device's row `position` counted
         from its first training row (0 for a device training never saw)."""
         return self._score_series(seq, start)
+
+    def _fit_threshold(self, X: pd.DataFrame) -> float:
+        """The training-score quantile at 1 - contamination. Per device, a device's first WARMUP_ROWS
+        training rows are left out (while any device has more): they are scored with little or no
+        past (a short window, no neighbour yet), so they stand out by construction and would lift
+        the threshold. Measured on C-MAPSS (50 training cycles per engine): with them,
+        windowed_gaussian and nn_novelty never alarmed on 92-93 of the 100 engines."""
+        if getattr(self, "pasts_", None) is None or len(X) > self.THRESHOLD_SAMPLE:
+            return super()._fit_threshold(X)
+        scores = self.score_samples(X)
+        position = X.groupby(X[SEQUENCE_KEY].to_numpy(), sort=False).cumcount().to_numpy()
+        settled = position >= self.WARMUP_ROWS
+        return float(np.quantile(scores[settled] if settled.any() else scores, 1 - self.config.contamination))
 
     def _sequence(self, X: pd.DataFrame) -> tuple[np.ndarray, int]:
         """(history + rows, where the rows start). No history when X starts with the training rows."""
