@@ -33,6 +33,46 @@ class DetectorError(ValueError):
     """Pre-flight or fitting failed; the message names the column or count at fault."""
 
 
+# The model-frame column that names the series (device) each row belongs to. It is not a feature:
+# detectors select their features by name and never read it as one. Only the detectors that read
+# rows as a sequence use it (statistical._SequentialDetector and its subclasses, the ensemble's
+# alarm persistence), so that each device's rows are a series of their own. Without the column a
+# frame is one series, as before.
+SEQUENCE_KEY = "device_id"
+# Per-device history kept in a fitted model (it is pickled into the artifact): at most this many
+# rows over all devices, and at least HISTORY_FLOOR rows per device (enough for the detectors'
+# short windows: the windowed Gaussian's 20 rows, STL's 25-row trend, the forecast's 30-row spike
+# window), whatever the fleet's size.
+HISTORY_BUDGET = 200_000
+HISTORY_FLOOR = 30
+
+
+def sequence_blocks(X: pd.DataFrame) -> list[tuple[object, int, int]] | None:
+    """The series of a frame: [(key, start, stop)] for each run of consecutive rows with the same
+    SEQUENCE_KEY value, in row order (positions, stop excluded). None when X has no SEQUENCE_KEY
+    column: the whole frame is one series. A key that comes back after another key's rows starts a
+    new run (the pipeline's frames keep each device's rows together, in time order)."""
+    if SEQUENCE_KEY not in X.columns:
+        return None
+    keys = X[SEQUENCE_KEY].to_numpy()
+    if not len(keys):
+        return []
+    change = np.flatnonzero(keys[1:] != keys[:-1]) + 1
+    starts, stops = np.r_[0, change], np.r_[change, len(keys)]
+    return [(_plain(keys[a]), int(a), int(b)) for a, b in zip(starts, stops)]
+
+
+def history_rows(wanted: int, devices: int) -> int:
+    """Rows of history to keep per device: `wanted`, but within HISTORY_BUDGET over `devices`
+    devices, and never below HISTORY_FLOOR (nor above `wanted`)."""
+    return int(min(wanted, max(HISTORY_FLOOR, HISTORY_BUDGET // max(devices, 1))))
+
+
+def _plain(value):
+    """A numpy scalar as the Python value (a stable, small dictionary key in a pickled model)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 METADATA_FIELDS = ("family", "multivariate", "needs_training", "streaming", "hyperparameters")
 
 

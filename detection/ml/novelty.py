@@ -20,6 +20,9 @@ measure of KNN-CAD (Burnaev & Ishimtsev, "Conformalized density- and distance-ba
 detection in time-series data", 2016), without its conformal step: the pipeline's rank calibration
 plays that part.
 
+A frame with the device column (detectors.SEQUENCE_KEY) is one series per device (see
+detection.ml.statistical): the neighbour search and the mean step of a row stay within its device.
+
 Causal by construction: row t reads rows up to t only. Cost: O(rows x window x lengths) per column
 (numba, compiled on first use).
 """
@@ -148,7 +151,7 @@ class NearestNeighbourNoveltyDetector(_SequentialDetector):
             raise DetectorError(f"columns must be 'raw' or 'all', got {columns!r}")
         self.columns = columns
 
-    def _fit_series(self, matrix: np.ndarray) -> None:
+    def _fit_series(self, matrix: np.ndarray, spans: list[tuple[int, int]] | None = None) -> None:
         # The engineered variants of a metric (rolling mean, delta, ...) are smoothed or lagged
         # copies of it: their novelty arrives later than the metric's own and only adds false
         # alarms (on NAB: 70.1 with the metric alone, 66.8 with its rolling mean as well).

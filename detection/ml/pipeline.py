@@ -19,7 +19,7 @@ import pandas as pd
 from baselines.engine import LEVELS, BaselineSet, apply_baselines, compute_baselines, model_overrides
 
 from . import suite  # noqa: F401  (registers the statistical, density and ensemble detectors)
-from .detectors import DETECTORS, AnomalyDetectorConfig, DetectorError
+from .detectors import DETECTORS, SEQUENCE_KEY, AnomalyDetectorConfig, DetectorError
 from .features import FeatureConfig, build_features, resid_scales
 from .scoring import ScoreResult, score_frame
 
@@ -279,11 +279,14 @@ def model_inputs(frame: pd.DataFrame, *, baselines: BaselineSet | None, usable: 
     when there are baselines). Returns (model frame on frame's index, model features, temporal features):
     with baselines, the robust z-scores at config.z_level plus the temporal columns (device-level z of the
     rolling means, or the *_resid columns); without (the fall-back), the raw features plus *_resid.
+    The model frame also carries frame's SEQUENCE_KEY column (device_id), which is neither a model
+    nor a temporal feature: the sequential detectors read it to keep each device's rows a series
+    of its own (detection.ml.detectors.sequence_blocks).
     Raises BaselineError (a ValueError) when the baselines lack a level or feature.
     """
     resid = [f"{m}_resid" for m in metrics]
     if baselines is None:
-        return frame[usable].join(frame[resid]), list(usable), resid
+        return _with_sequence_key(frame[usable].join(frame[resid]), frame), list(usable), resid
     model_frame = apply_baselines(frame, baselines, (config.z_level,), features=usable, join=False)
     model_features = list(model_frame.columns)
     if config.temporal == "baseline":
@@ -293,7 +296,14 @@ def model_inputs(frame: pd.DataFrame, *, baselines: BaselineSet | None, usable: 
         temporal = frame[resid]
     temporal_features = list(temporal.columns)
     model_frame = model_frame.join(temporal[[c for c in temporal_features if c not in model_frame]])
-    return model_frame, model_features, temporal_features
+    return _with_sequence_key(model_frame, frame), model_features, temporal_features
+
+
+def _with_sequence_key(model_frame: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame:
+    """model_frame with frame's SEQUENCE_KEY column (same index) as its last column, when frame has one."""
+    if SEQUENCE_KEY not in frame.columns or SEQUENCE_KEY in model_frame.columns:
+        return model_frame
+    return model_frame.assign(**{SEQUENCE_KEY: frame[SEQUENCE_KEY]})
 
 
 class _Stage:
