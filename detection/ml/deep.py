@@ -18,8 +18,7 @@ import pandas as pd
 
 from .detectors import DetectorError, register_detector
 from .features import robust_center_scale
-from .statistical import _starts_with
-from .suite import _MatrixDetector
+from .suite import _MatrixDetector, _starts_with
 
 
 @register_detector("lstm_ae")

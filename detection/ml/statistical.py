@@ -48,7 +48,7 @@ import pandas as pd
 
 from .detectors import SEQUENCE_KEY, DetectorError, history_rows, register_detector, sequence_blocks
 from .features import robust_center_scale
-from .suite import _MatrixDetector
+from .suite import _MatrixDetector, _starts_with
 
 _CONTAMINATION = {"contamination": {"default": 0.03, "min": 0.001, "max": 0.5}}
 
@@ -56,11 +56,6 @@ _CONTAMINATION = {"contamination": {"default": 0.03, "min": 0.001, "max": 0.5}}
 def _spread(x: np.ndarray) -> np.ndarray:
     """Robust spread per column (1.4826 * MAD, floored by features.robust_center_scale)."""
     return robust_center_scale(x)[1]
-
-
-def _starts_with(X: pd.DataFrame, matrix: np.ndarray, head: tuple) -> bool:
-    """Whether X starts with the first training row (same index label and values)."""
-    return bool(len(X)) and X.index[0] == head[0] and np.allclose(matrix[0], head[1], equal_nan=True)
 
 
 class _DevicePast(NamedTuple):
@@ -451,3 +446,6 @@ class OneClassSVMDetector(_MatrixDetector):
         # Far from every support vector the RBF decision saturates at -rho; the mean |z| breaks the
         # tie so that farther rows still score higher.
         return -self.model_.decision_function(z) + 1e-3 * np.abs(z).mean(axis=1)
+
+
+from . import novelty  # noqa: E402,F401  (registers nn_novelty, a _SequentialDetector)

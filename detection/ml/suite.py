@@ -38,6 +38,11 @@ from .detectors import (
 from .features import robust_center_scale
 
 
+def _starts_with(X: pd.DataFrame, matrix: np.ndarray, head: tuple) -> bool:
+    """Whether X starts with the first training row (same index label and values)."""
+    return bool(len(X)) and X.index[0] == head[0] and np.allclose(matrix[0], head[1], equal_nan=True)
+
+
 class _MatrixDetector(AnomalyDetector):
     """Base of the detectors that score the imputed (and, for distances, scaled) feature matrix."""
 
@@ -513,4 +518,4 @@ def tune_hyperparameters(name: str, X: pd.DataFrame, features: list[str], labels
 
 
 # Registers the statistical, forecast, kernel and deep detectors (they subclass _MatrixDetector).
-from . import deep, novelty, statistical  # noqa: E402,F401
+from . import deep, statistical  # noqa: E402,F401  (statistical registers novelty in turn)
