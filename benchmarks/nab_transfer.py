@@ -64,7 +64,10 @@ def swept(series, cost) -> tuple[float, float]:
 
 
 def normalised(raw: float, null: float, perfect: float) -> float | None:
-    return None if perfect == null else round(100.0 * (raw - null) / (perfect - null), 2)
+    """nab.normalised_score rounded, None where it is undefined (no window among the files)."""
+    from detection.ml import nab
+
+    return None if perfect == null else round(nab.normalised_score(raw, null, perfect), 2)
 
 
 def main() -> None:

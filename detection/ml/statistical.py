@@ -48,7 +48,7 @@ import pandas as pd
 
 from .detectors import SEQUENCE_KEY, DetectorError, history_rows, register_detector, sequence_blocks
 from .features import robust_center_scale
-from .suite import _MatrixDetector, _starts_with
+from .suite import _is_head, _MatrixDetector, _starts_with
 
 _CONTAMINATION = {"contamination": {"default": 0.03, "min": 0.001, "max": 0.5}}
 
@@ -152,7 +152,7 @@ class _SequentialDetector(_MatrixDetector):
             rows, past = matrix[a:b], pasts.get(key)
             if past is None:  # a device training never saw: no history, a series of its own from here
                 seq, start, position = rows, 0, 0
-            elif X.index[a] == past.label and np.allclose(rows[0], past.head, equal_nan=True):
+            elif _is_head(X.index[a], rows[0], (past.label, past.head)):
                 seq, start, position = rows, 0, 0
             else:
                 seq, start, position = np.vstack([past.tail, rows]), len(past.tail), past.rows - len(past.tail)

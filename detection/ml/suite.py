@@ -38,9 +38,14 @@ from .detectors import (
 from .features import robust_center_scale
 
 
+def _is_head(label, row: np.ndarray, head: tuple) -> bool:
+    """Whether a row (index label, imputed values) is a series' first training row head = (label, values)."""
+    return bool(label == head[0] and np.allclose(row, head[1], equal_nan=True))
+
+
 def _starts_with(X: pd.DataFrame, matrix: np.ndarray, head: tuple) -> bool:
     """Whether X starts with the first training row (same index label and values)."""
-    return bool(len(X)) and X.index[0] == head[0] and np.allclose(matrix[0], head[1], equal_nan=True)
+    return bool(len(X)) and _is_head(X.index[0], matrix[0], head)
 
 
 class _MatrixDetector(AnomalyDetector):
@@ -202,7 +207,7 @@ class EnsembleDetector(AnomalyDetector):
         # full windows gave SKAB valve1's odd files F1 0.858, FAR 22.9 % (0.909, 5.4 % as one
         # series; 0.881, 14.0 % without persistence), and with each device's first k - 1 short
         # windows counted, all of SKAB fell from F1 0.872 to 0.741 (MAR 19 % to 41 %).
-        smoothed = self._smoothed(fused, None, lambda key, a: None)
+        smoothed = trailing_statistic(fused, smooth, self.config.ensemble_smooth)
         # The training rows are taken as normal but for isolated outliers (what contamination
         # counts), and a median over k rows removes those: the threshold is the highest smoothed
         # training score. A quantile (1 - contamination, or / k) sat on a handful of rows and
@@ -232,17 +237,6 @@ class EnsembleDetector(AnomalyDetector):
         tails = {key: fused[max(a, b - keep):b].copy() for key, a, b in blocks}
         return {key: (X.index[a], values[i], tails.get(key, fused[:0].copy()))
                 for i, (key, a) in enumerate(first.items())}
-
-    def _smoothed(self, fused: np.ndarray, blocks, history_of) -> np.ndarray:
-        """The trailing statistic of the fused scores, per device block when `blocks` says where
-        they are (None: one series, history_of(None, 0)); history_of(key, start) gives a block's past."""
-        rows, statistic = self.config.ensemble_smooth_rows, self.config.ensemble_smooth
-        if blocks is None:
-            return trailing_statistic(fused, rows, statistic, history=history_of(None, 0))
-        out = np.empty(len(fused))
-        for key, a, b in blocks:
-            out[a:b] = trailing_statistic(fused[a:b], rows, statistic, history=history_of(key, a))
-        return out
 
     def _starts_with_training(self, X: pd.DataFrame) -> bool:
         """Whether X starts with the first training row (same index label and feature values)."""
@@ -308,18 +302,14 @@ class EnsembleDetector(AnomalyDetector):
         if blocks is None:
             history = None if self._starts_with_training(X) else self.history_
             return trailing_statistic(fused, smooth, self.config.ensemble_smooth, history=history)
-        starts = self._imputed_rows(X, [a for _, a, _ in blocks])
-        first = {a: row for (_, a, _), row in zip(blocks, starts)}
-
-        def history_of(key, a):
-            past = pasts.get(key)
-            if past is None:  # a device training never saw: its window starts empty
-                return None
-            label, head, tail = past
-            starts_training = X.index[a] == label and np.allclose(first[a], head, equal_nan=True)
-            return None if starts_training else tail
-
-        return self._smoothed(fused, blocks, history_of)
+        firsts = self._imputed_rows(X, [a for _, a, _ in blocks])
+        out = np.empty(len(fused))
+        for (key, a, b), first_row in zip(blocks, firsts):
+            past = pasts.get(key)  # (label, head, tail); None for a device training never saw
+            # No history for a new device or for a device's rows that start with its training rows.
+            history = None if past is None or _is_head(X.index[a], first_row, past[:2]) else past[2]
+            out[a:b] = trailing_statistic(fused[a:b], smooth, self.config.ensemble_smooth, history=history)
+        return out
 
     def votes(self, X: pd.DataFrame) -> dict[str, np.ndarray]:
         """{member: bool per row}: whether the member's own threshold flags the row."""
