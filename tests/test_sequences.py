@@ -236,3 +236,15 @@ def test_serving_continues_each_device_from_its_own_training_rows():
             assert math.isclose(got["anomaly_score"], result.anomaly_score, rel_tol=1e-9, abs_tol=1e-9)
     finally:
         serving.model_cache_clear()
+
+
+def test_a_sampled_training_set_takes_the_plain_quantile_without_the_warm_up(monkeypatch):
+    # Above THRESHOLD_SAMPLE rows fit scores a random sample: its rows have no position in their
+    # device, so the warm-up (a device's first WARMUP_ROWS rows) cannot be told and is not applied.
+    cls = DETECTORS["windowed_gaussian"]
+    X = _fleet()
+    monkeypatch.setattr(cls, "THRESHOLD_SAMPLE", len(X) - 1)
+    detector = _fit("windowed_gaussian", X)
+    sample = detector._threshold_rows(X)
+    assert len(sample) == len(X) - 1
+    assert detector.threshold_ == np.quantile(detector.score_samples(sample), 1 - detector.config.contamination)
