@@ -97,7 +97,13 @@ def main() -> None:
         from detection.ml.novelty import NearestNeighbourNoveltyDetector
 
         NearestNeighbourNoveltyDetector.WINDOW = args.window
-    result = evaluate_nab(path=args.path, config={"algorithm": args.detector})
+    from detection.evaluation import EvaluationError
+    from detection.ingest import IngestError
+
+    try:
+        result = evaluate_nab(path=args.path, config={"algorithm": args.detector})
+    except (EvaluationError, IngestError) as exc:
+        parser.error(str(exc))
     cost = nab.load_profiles(Path(args.path) / "config" / "profiles.json")[args.profile]
     own = (nab_calibration(args.detector), ORDER_RATIO_RANKS, nab_suppress_rows(args.detector))
     variants = {own: calibrated(result.raw_series, calibration=own[0], ranks=own[1], suppress=own[2])}
