@@ -14,7 +14,7 @@ from collections import defaultdict
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Count, F
+from django.db.models import Count, Exists, F, OuterRef
 from django.utils import timezone
 
 from detection.choices import AuditAction, Label, Verdict
@@ -90,8 +90,10 @@ def alerts_ingest(*, anomalies: list[AnomalyResult], now: dt.datetime | None = N
     cohort_columns) have anomalies within one window, they become one cohort-level alert, and later
     anomalies of that cohort within the window join it. An anomaly joins at most one alert, and a
     (device, timestamp) already in an alert (the same moment re-scored by a later run) is skipped, so
-    calling this twice is harmless. New and escalated alerts are routed to the matching rules
-    (route_alert) after commit; every touched alert is pushed to open pages.
+    calling this twice is harmless. An anomaly that already carries a false-positive verdict and no
+    true-positive one (a reviewed sample re-scored by a later run) raises no alert. New and escalated
+    alerts are routed to the matching rules (route_alert) after commit; every touched alert is pushed
+    to open pages.
 
     Cost: the anomalies are read as plain columns (one query), their devices and fleets once each, before
     the transaction; inside it, one query per fleet for the rescored moments and one per scope for the
@@ -107,6 +109,7 @@ def alerts_ingest(*, anomalies: list[AnomalyResult], now: dt.datetime | None = N
     min_devices = max(2, _config()["cohort_min_devices"])
     rows = [_Row(*values) for values in
             AnomalyResult.objects.filter(pk__in=ids, label=Label.ANOMALY, alert_membership__isnull=True)
+            .exclude(_judged_false_positive())
             .order_by("timestamp", "id")
             .values_list("pk", "fleet_id", "device_id", "timestamp", "severity", "top_metrics")]
     if not rows:
@@ -123,6 +126,16 @@ def alerts_ingest(*, anomalies: list[AnomalyResult], now: dt.datetime | None = N
             fleet_rows = _drop_rescored(fleet, fleet_rows)
             _ingest_fleet(fleet, fleet_rows, devices, window, min_devices, touched)
     return sorted(touched.values(), key=lambda a: (a.last_seen, a.pk), reverse=True)
+
+
+def _judged_false_positive():
+    """An AnomalyResult filter: reviewers already called it a false positive and nobody a true one.
+    A run that re-scores a reviewed sample carries the verdicts onto the new anomaly in the same
+    transaction (detection.services.feedback_carry_over), so a sample judged a false positive in an
+    earlier run raises no alert when a later run flags it again."""
+    verdicts = AnomalyFeedback.objects.filter(anomaly=OuterRef("pk"))
+    return Exists(verdicts.filter(verdict=Verdict.FALSE_POSITIVE)) & ~Exists(
+        verdicts.filter(verdict=Verdict.TRUE_POSITIVE))
 
 
 def _drop_rescored(fleet: Fleet, rows: list[_Row]) -> list[_Row]:

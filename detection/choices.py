@@ -89,3 +89,4 @@ class AuditAction(models.TextChoices):
     ALERT_RESOLVED = "alert_resolved", "Alert resolved"
     ALERT_SNOOZED = "alert_snoozed", "Alert snoozed"
     ALERT_RULE_CHANGED = "alert_rule_changed", "Alert rule changed"
+    FLEET_TUNED = "fleet_tuned", "Detection settings tuned"

@@ -96,7 +96,8 @@ def pipeline_run_execute(*, run_id: int, progress: Progress | None = None) -> Pi
         report(RunStage.INGEST, {"seconds": round(time.perf_counter() - start, 3), "rows": len(frame)})
         given = _given_baseline(fleet, run.params)
         output = run_core(frame, metrics=fleet.metric_names, metric_domain=fleet.metric_domains, config=config,
-                          progress=report, baselines=_load_baseline_set(given) if given else None)
+                          progress=report, baselines=_load_baseline_set(given) if given else None,
+                          feedback=reviewed_anomalies(fleet) if _weighs_by_reviews(config) else None)
     except (StageError, ValueError, PipelineRunError, ArtifactError) as exc:
         return _finish(run, RunStatus.FAILED, error=str(exc))
     except Exception as exc:  # an unexpected bug still ends the run with a clear status
@@ -153,6 +154,33 @@ def _warm_run_aggregates(run: PipelineRun) -> None:
         selectors.run_anomaly_count(run=run)
     except Exception:
         logger.warning("could not pre-compute the aggregates of run %s", run.id, exc_info=True)
+
+
+def _weighs_by_reviews(config: PipelineConfig) -> bool:
+    from .ml.detectors import DETECTORS
+    from .ml.suite import EnsembleDetector
+
+    return issubclass(DETECTORS[config.algorithm], EnsembleDetector)
+
+
+def reviewed_anomalies(fleet: Fleet) -> pd.DataFrame:
+    """The fleet's reviewed anomalies, one verdict per (device, timestamp): rows x (device_id,
+    timestamp [UTC], verdict), verdict "true_positive" or "false_positive". Every reviewer's own
+    verdict counts once (copies carried to later runs do not), the majority decides, and a tie or
+    "not sure" leaves the row out (baselines.engine.resolve_verdicts)."""
+    from baselines.engine import resolve_verdicts
+
+    rows = (AnomalyFeedback.objects.filter(anomaly__run__fleet=fleet, carried_from__isnull=True,
+                                           verdict__in=[Verdict.TRUE_POSITIVE, Verdict.FALSE_POSITIVE])
+            .values_list("anomaly__device_id", "anomaly__timestamp", "verdict"))
+    frame = pd.DataFrame.from_records(list(rows), columns=["device_id", "timestamp", "verdict"])
+    if frame.empty:
+        return frame
+    frame["timestamp"] = pd.to_datetime(frame["timestamp"], utc=True)
+    frame["anomaly_id"] = frame.groupby(["device_id", "timestamp"]).ngroup()  # one id per (device, timestamp)
+    verdicts = resolve_verdicts(frame)
+    keys = frame.drop_duplicates("anomaly_id").set_index("anomaly_id")[["device_id", "timestamp"]]
+    return keys.loc[verdicts.index].assign(verdict=verdicts.to_numpy()).reset_index(drop=True)
 
 
 def _training_window(params: dict) -> TrainingWindow:

@@ -461,3 +461,26 @@ def test_escalation_routes_again(world):
     assert mail.outbox == []
     services.alerts_ingest(anomalies=[anomaly(device, 5, severity=Severity.CRITICAL)])
     assert len(mail.outbox) == 1 and "escalated" in [e.kind for e in Alert.objects.get().events.all()]
+
+
+def test_a_sample_judged_a_false_positive_raises_no_alert_when_a_later_run_flags_it_again(world):
+    """The earlier anomaly was never alerted (reviewed from the anomaly list), then a later run
+    re-scores the sample and the verdict is carried onto the new anomaly (feedback_carry_over)."""
+    fleet, anomaly = world
+    device = DeviceFactory(fleet=fleet)
+    reviewer = user_with_role("rita", "reviewer")
+    earlier, confirmed = anomaly(device, 0), anomaly(device, 400)
+    feedback_give(anomaly=earlier, user=reviewer, verdict=Verdict.FALSE_POSITIVE)
+    feedback_give(anomaly=confirmed, user=reviewer, verdict=Verdict.FALSE_POSITIVE)
+    feedback_give(anomaly=confirmed, user=user_with_role("sam", "reviewer"), verdict=Verdict.TRUE_POSITIVE)
+    rerun = PipelineRunFactory(fleet=fleet)
+    again = AnomalyResultFactory(run=rerun, model_version=earlier.model_version, device=device,
+                                 timestamp=earlier.timestamp, top_metrics=metrics("battery"))
+    from detection.services import feedback_carry_over
+
+    assert feedback_carry_over(run=rerun) == 1
+    assert services.alerts_ingest(anomalies=[again]) == []
+    # A false positive that another reviewer confirmed as true is still news.
+    assert len(services.alerts_ingest(anomalies=[confirmed])) == 1
+    # A new, unreviewed anomaly still alerts.
+    assert len(services.alerts_ingest(anomalies=[anomaly(device, 800)])) == 1

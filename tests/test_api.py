@@ -321,3 +321,20 @@ def test_schema_is_valid_openapi_and_docs_load_without_a_cdn(viewer):
     assert docs.status_code == 200
     html = docs.content.decode()
     assert "cdn" not in html.lower() and "swagger-ui" in html
+
+
+def test_detectors_lists_every_registered_detector_with_its_metadata(viewer, outsider):
+    from detection.ml import suite  # noqa: F401  (registers the detectors)
+    from detection.ml.detectors import DETECTORS
+
+    response = viewer.get("/api/v1/detectors")
+    assert response.status_code == 200
+    body = response.json()
+    assert [d["name"] for d in body] == sorted(DETECTORS) and len(body) >= 15
+    by_name = {d["name"]: d for d in body}
+    assert by_name["patchtst"]["experimental"] is True and by_name["ensemble"]["experimental"] is False
+    assert by_name["robust_z"]["hyperparameters"]["spread_floor"] == {"default": "mean_ad",
+                                                                      "choices": ["mean_ad", "none"]}
+    assert by_name["lstm_ae"]["family"] == "deep learning" and by_name["lstm_ae"]["multivariate"] is True
+    assert APIClient().get("/api/v1/detectors").status_code == 401
+    assert outsider.get("/api/v1/detectors").status_code == 403

@@ -355,3 +355,50 @@ def test_score_frame_raises_severity_by_the_domains_impact_weight():
         assert result.labels.tolist() == [1, -1]
         severities[weights] = result.severity[1]
     assert severities[()] == "medium" and severities[(("power", 3.0),)] == "critical"
+
+
+def test_lstm_autoencoder_pickled_before_per_device_reading_scores_as_before():
+    """Model artifacts written before 2026-11-21 hold the scaled training tail as history_, no
+    pasts_, and the weights as (n_features, blob): loading one converts it."""
+    X = _crafted(n=400)
+    det = LSTMAutoencoderDetector(CONFIG, window=5, hidden=4, epochs=1).fit(X.iloc[:300], ["a", "b"])
+    expected = det.score_samples(X.iloc[300:])
+    state = det.__getstate__()
+    state.pop("pasts_")
+    state.pop("HISTORY")
+    state["history_"] = det._scaled(det.history_)
+    state["model_state_"] = (2, state["model_state_"])
+    old = LSTMAutoencoderDetector.__new__(LSTMAutoencoderDetector)
+    old.__setstate__(state)
+    np.testing.assert_allclose(old.score_samples(X.iloc[300:]), expected, rtol=1e-4)
+
+
+def _zero_inflated(n=2000, seed=5):
+    """Column a: 60 % of values within 1e-4 of 0, the rest N(0, 1) (a day-over-day delta of a metric
+    that is idle most of the time: its MAD is about 1e-4, not 0); column b: N(0, 1)."""
+    rng = np.random.default_rng(seed)
+    a = np.where(rng.random(n) < 0.6, 1e-4 * rng.normal(size=n), rng.normal(size=n))
+    return pd.DataFrame({"a": a, "b": rng.normal(size=n)})
+
+
+# forecast floors its error spread the same way, but Holt's level turns this series' zeros into
+# non-zero errors, so its plain spread is not small here (on the demo fleet it was: F1 0.057 -> 0.109).
+@pytest.mark.parametrize("name", ["robust_z", "iqr", "stl_residual"])
+def test_spread_floor_keeps_a_zero_inflated_feature_from_swamping_the_score(name):
+    X = _zero_inflated()
+    floored = DETECTORS[name](AnomalyDetectorConfig(contamination=0.01, min_training_rows=20)).fit(X, ["a", "b"])
+    plain = DETECTORS[name](AnomalyDetectorConfig(contamination=0.01, min_training_rows=20,
+                                                  spread_floor="none")).fit(X, ["a", "b"])
+    ordinary = pd.DataFrame({"a": [1.0], "b": [0.0]})  # one sigma of a's non-zero values
+    # The plain MAD (IQR) of a is near 0, so an ordinary value scores far past a 6-sigma value of b.
+    assert plain.score_samples(ordinary)[0] > 20 * plain.score_samples(pd.DataFrame({"a": [0.0], "b": [6.0]}))[0]
+    assert floored.score_samples(ordinary)[0] < 5
+    # A real outlier in a still stands out with the floor.
+    assert floored.score_samples(pd.DataFrame({"a": [12.0], "b": [0.0]}))[0] > 3 * floored.threshold_
+
+
+def test_spread_floor_is_validated_and_declared():
+    with pytest.raises(DetectorError, match="spread_floor must be 'mean_ad' or 'none'"):
+        AnomalyDetectorConfig(spread_floor="mad")
+    for name in ("robust_z", "iqr", "stl_residual", "forecast"):
+        assert detector_metadata(name)["hyperparameters"]["spread_floor"]["default"] == "mean_ad"

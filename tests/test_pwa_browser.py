@@ -142,7 +142,7 @@ def test_installable_manifest_and_service_worker(asgi_url, browser, review_fleet
     context = browser.browser_type.launch_persistent_context(
         str(tmp_path / "profile"), executable_path=CHROMIUM, args=CHROMIUM_ARGS, viewport={"width": 1280, "height": 900})
     page = _login(context, asgi_url, "vera", "pw")
-    page.wait_for_function("navigator.serviceWorker.controller !== null || navigator.serviceWorker.ready.then(() => true)")
+    _wait_until_controlled(page)
     scope = page.evaluate("navigator.serviceWorker.ready.then(r => r.scope)")
     assert scope == f"{asgi_url}/"
     cdp = context.new_cdp_session(page)
@@ -156,6 +156,25 @@ def test_installable_manifest_and_service_worker(asgi_url, browser, review_fleet
     context.close()
 
 
+def _wait_until_controlled(page, attempts: int = 3) -> None:
+    """Wait until the service worker controls `page`. Its install precaches the app shell (about 1.3 MB,
+    served by daphne in this process) and its activation claims open pages. Under CI's load that once took
+    over 15 s, and a failed precache fetch fails the whole install until the next page load registers the
+    worker again, so each attempt waits 20 s and then reloads. Fails after `attempts`."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for attempt in range(attempts):
+        try:
+            page.wait_for_function("navigator.serviceWorker.controller !== null", timeout=20_000)
+            return
+        except PlaywrightTimeout:
+            if attempt == attempts - 1:
+                state = page.evaluate("navigator.serviceWorker.getRegistration().then(r => r ? "
+                                      "[r.installing, r.waiting, r.active].map(w => w && w.state) : 'none')")
+                pytest.fail(f"the service worker never controlled {page.url} (installing, waiting, active: {state})")
+            page.reload()
+
+
 def _anomaly(fleet, **filters) -> AnomalyResult:
     return AnomalyResult.objects.filter(fleet=fleet, label=Label.ANOMALY, **filters).order_by("-timestamp").first()
 
@@ -167,7 +186,7 @@ def test_verdict_given_offline_is_synced_exactly_once(asgi_url, browser, review_
     user_with_role("rita", "reviewer", password="pw")
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = _login(context, asgi_url, "rita", "pw")
-    page.wait_for_function("navigator.serviceWorker.controller !== null", timeout=15_000)
+    _wait_until_controlled(page)
     page.goto(f"{asgi_url}/fleets/demo/anomalies/")  # both pages are now in the service worker's cache
     page.goto(f"{asgi_url}/anomalies/{anomaly.pk}/")
 

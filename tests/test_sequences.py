@@ -21,7 +21,7 @@ from detection.ml.pipeline import PipelineConfig, model_inputs
 from detection.models import AnomalyResult, Fleet
 from detection.services import pipeline_run_create, pipeline_run_execute
 
-SEQUENTIAL = ["windowed_gaussian", "stl_residual", "forecast", "nn_novelty"]
+SEQUENTIAL = ["windowed_gaussian", "stl_residual", "forecast", "nn_novelty", "patchtst", "lstm_ae"]
 FEATURES = ["a", "b"]
 CONFIG = AnomalyDetectorConfig(contamination=0.03)
 ROWS, TRAIN = 600, 400  # rows per device, of which the first TRAIN train

@@ -18,6 +18,7 @@ urlpatterns = [
     path("health", views.HealthView.as_view(), name="health"),
     path("health/live", views.LivenessView.as_view(), name="health-live"),
     path("health/ready", views.ReadinessView.as_view(), name="health-ready"),
+    path("detectors", views.DetectorListView.as_view(), name="detectors"),
     path("detect", views.DetectView.as_view(), name="detect"),
     path("detect/batch", views.DetectBatchView.as_view(), name="detect-batch"),
     path("", include(router.urls)),

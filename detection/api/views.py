@@ -217,6 +217,29 @@ class RoleViewSetMixin(ThrottledViewMixin):
     write_role = "approver"
 
 
+# --- detectors -----------------------------------------------------------------------------------
+
+DetectorSerializer = inline_serializer("Detector", {
+    "name": serializers.CharField(), "family": serializers.CharField(), "multivariate": serializers.BooleanField(),
+    "needs_training": serializers.BooleanField(), "streaming": serializers.BooleanField(),
+    "experimental": serializers.BooleanField(),
+    "hyperparameters": serializers.DictField(help_text="{name: {default, min, max} or {default, choices}}"),
+    "summary": serializers.CharField()}, many=True)
+
+
+class DetectorListView(RoleViewSetMixin, APIView):
+    """The registered detectors a fleet's config may name (`algorithm`, `ensemble_members`), with their
+    metadata (detection.ml.detectors.detector_metadata), sorted by name. experimental ones are left
+    out of `evaluate --detector all` and of automatic selection."""
+
+    @extend_schema(responses={200: DetectorSerializer})
+    def get(self, request):
+        from detection.ml import suite  # noqa: F401  (importing it registers every detector)
+        from detection.ml.detectors import DETECTORS, detector_metadata
+
+        return Response([detector_metadata(name) for name in sorted(DETECTORS)])
+
+
 class FleetViewSet(RoleViewSetMixin, viewsets.ReadOnlyModelViewSet):
     """Fleets, by name. Approvers add telemetry with POST /fleets/{name}/telemetry/."""
 

@@ -27,3 +27,14 @@ def migrated_database(handle):
             require_migrated()
             raise
     return wrapper
+
+
+def fleet_named(name: str):
+    """The fleet called `name`; a CommandError listing the known fleets when there is none."""
+    from detection.models import Fleet
+
+    try:
+        return Fleet.objects.get(name=name)
+    except Fleet.DoesNotExist:
+        known = ", ".join(Fleet.objects.values_list("name", flat=True)) or "none yet"
+        raise CommandError(f"unknown fleet {name!r} (known: {known})") from None

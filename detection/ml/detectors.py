@@ -73,19 +73,26 @@ def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
-METADATA_FIELDS = ("family", "multivariate", "needs_training", "streaming", "hyperparameters")
+METADATA_FIELDS = ("family", "multivariate", "needs_training", "streaming", "experimental", "hyperparameters")
 
 
 def detector_metadata(name: str) -> dict:
     """What a registered detector is: {name, family, multivariate (False: each column scored as its
     own series, the row gets the largest), needs_training, streaming (scores a row from rows up to
-    it only), hyperparameters {name: {default, min, max | choices}}, summary (first docstring line)}.
-    Raises DetectorError for an unknown name."""
+    it only), experimental (tried, but it did not earn a place in the benchmark table: see
+    table_detectors), hyperparameters {name: {default, min, max | choices}}, summary (first
+    docstring line)}. Raises DetectorError for an unknown name."""
     if name not in DETECTORS:
         raise DetectorError(f"unknown detector {name!r}; known: {', '.join(sorted(DETECTORS))}")
     cls = DETECTORS[name]
     doc = (cls.__doc__ or "").strip().splitlines()
     return {"name": name, **{f: getattr(cls, f) for f in METADATA_FIELDS}, "summary": doc[0] if doc else ""}
+
+
+def table_detectors() -> list[str]:
+    """The registered detectors that `evaluate --detector all` runs, sorted: all but the
+    experimental ones, which stay selectable by name (a fleet's algorithm, --detector NAME)."""
+    return sorted(name for name, cls in DETECTORS.items() if not cls.experimental)
 
 
 @dataclass(frozen=True)
@@ -118,6 +125,11 @@ class AnomalyDetectorConfig:
     # included, never later rows); 1 leaves the fused score as it is.
     ensemble_smooth_rows: int = 1
     ensemble_smooth: str = "median"
+    # robust_z, iqr, stl_residual and forecast (also as ensemble members): "mean_ad" (the default)
+    # floors each spread (1.4826 * MAD; the IQR; the residuals' and errors' MAD) at what the mean
+    # absolute deviation implies for normal data, the same floor as the baselines' MAD; "none" keeps
+    # the plain spreads (suite.spread_floor).
+    spread_floor: str = "mean_ad"
     # ((domain or cohort value, weight), ...): business impact; scoring multiplies the anomaly's
     # |z| by it before the severity bands (scoring.severity_from_score). Missing keys weigh 1.
     impact_weights: tuple[tuple[str, float], ...] = ()
@@ -149,6 +161,8 @@ class AnomalyDetectorConfig:
                 f"ensemble_smooth_rows must be an integer in [1, 10000], got {self.ensemble_smooth_rows!r}")
         if self.ensemble_smooth not in ("median", "mean"):
             raise DetectorError(f"ensemble_smooth must be 'median' or 'mean', got {self.ensemble_smooth!r}")
+        if self.spread_floor not in ("mean_ad", "none"):
+            raise DetectorError(f"spread_floor must be 'mean_ad' or 'none', got {self.spread_floor!r}")
         bad = [k for k, w in (*self.ensemble_weights, *self.impact_weights) if not w >= 0]
         if bad:
             raise DetectorError(f"weights must be non-negative numbers; bad key(s): {', '.join(bad)}")
@@ -187,6 +201,7 @@ class AnomalyDetector:
     needs_training = True
     streaming = True  # scores one row at a time once fitted
     uses_temporal = False  # takes temporal_features in fit
+    experimental = False  # True: selectable by name, left out of the benchmark table (table_detectors)
     # How evaluate_nab turns this detector's scores into one corpus-wide scale when the caller
     # names none (detection.evaluation.NAB_CALIBRATIONS).
     nab_calibration = "rank_suppress"

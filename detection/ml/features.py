@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 
 MAD_TO_SIGMA = 1.4826  # consistency constant for normally distributed data (Rousseeuw & Croux, 1993)
+# sigma = 1.2533 (sqrt(pi / 2)) * mean absolute deviation, for normal data.
+MEAN_AD_TO_SIGMA = 1.2533
 MODEL_SUFFIXES = ("", "_roll_mean", "_roll_std", "_delta", "_cohort_norm")
 # What each engineered feature of a metric measures, in words a reviewer reads on the page.
 FEATURE_KINDS = {"": "value", "_roll_mean": "rolling mean", "_roll_std": "rolling std",

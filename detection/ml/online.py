@@ -415,7 +415,7 @@ class OnlineModel:
         """scoring.top_metrics on arrays: rows x candidates (top_features: the features with the z level's
         statistics, then the device_columns with the device level's)."""
         with np.errstate(all="ignore"):
-            z = (x - median) / (1.4826 * mad)
+            z = (x - median) / (MAD_TO_SIGMA * mad)
         return ranked_entries(x, median, mad, z, used, features=self.top_features, kinds=self.kinds,
                               metrics=self.top_metric_names, metric_columns=self.metric_columns,
                               domains=[metric_domain.get(m, "other") for m in self.top_metric_names],

@@ -18,7 +18,7 @@ import pandas as pd
 
 from baselines.engine import LEVELS, BaselineSet, apply_baselines, compute_baselines, model_overrides
 
-from . import suite  # noqa: F401  (registers the statistical, density and ensemble detectors)
+from . import suite  # (importing it registers the statistical, density and ensemble detectors)
 from .detectors import DETECTORS, SEQUENCE_KEY, AnomalyDetectorConfig, DetectorError
 from .features import FeatureConfig, build_features, resid_scales
 from .scoring import ScoreResult, score_frame
@@ -130,7 +130,8 @@ Progress = Callable[[str, dict], None]
 
 
 def run_core(df: pd.DataFrame, *, metrics: list[str], metric_domain: dict[str, str], config: PipelineConfig,
-             progress: Progress | None = None, baselines: BaselineSet | None = None) -> PipelineOutput:
+             progress: Progress | None = None, baselines: BaselineSet | None = None,
+             feedback: pd.DataFrame | None = None) -> PipelineOutput:
     """Run features, baselines, train and score on a telemetry frame.
 
     df: rows x (device_id, external_id, timestamp, device attribute columns, metrics), sorted by
@@ -138,6 +139,9 @@ def run_core(df: pd.DataFrame, *, metrics: list[str], metric_domain: dict[str, s
     baselines: use this set (e.g. an adjusted baseline version) instead of computing one; its
         model_overrides (contamination, domain weights) override config. It must cover the features
         and levels the run needs, else StageError("baselines"): a given set never falls back.
+    feedback: reviewed anomalies, rows x (device_id, timestamp, verdict), one verdict per row. An
+        ensemble (or auto) then weighs its members by their precision on the reviewed rows of df
+        (suite.weights_from_feedback, with the configured weights as priors); see _review_weights.
     progress(stage, info) is called when a stage starts ({}) and ends ({"seconds", "rows"}).
     Raises StageError for features, baselines (given set only), train and score failures.
     """
@@ -219,6 +223,8 @@ def run_core(df: pd.DataFrame, *, metrics: list[str], metric_domain: dict[str, s
                 detector.fit(train, model_features, temporal_features=temporal_features)
             else:
                 detector.fit(train, model_features)
+            if feedback is not None and len(feedback) and isinstance(detector, suite.EnsembleDetector):
+                _review_weights(detector, train, model_frame, frame, feedback)
         except DetectorError as exc:
             raise StageError("train", str(exc)) from exc
         except Exception as exc:
@@ -248,6 +254,27 @@ def run_core(df: pd.DataFrame, *, metrics: list[str], metric_domain: dict[str, s
     scored = frame.loc[score_mask, ["device_id", "external_id", "timestamp"]].reset_index(drop=True)
     return PipelineOutput(scored, result, detector, baselines, model_features, warnings, timings, counts,
                           int(train_mask.sum()), replace(config, features=feature_config))
+
+
+def _review_weights(detector, train: pd.DataFrame, model_frame: pd.DataFrame, frame: pd.DataFrame,
+                    feedback: pd.DataFrame) -> None:
+    """Dynamic ensemble weights from reviews: each member's vote (its own threshold) on every reviewed
+    row of the frame, then suite.weights_from_feedback (precision on the reviews, shrunk towards the
+    configured weight) and EnsembleDetector.reweight on the training rows. Members vote on the whole
+    series of each reviewed device, so the sequential ones read each reviewed row with its past.
+    Reviewed rows outside the frame do not count; with none left, the priors stay."""
+    keys = frame[["device_id", "timestamp"]].reset_index(names="row")
+    reviewed = keys.merge(feedback[["device_id", "timestamp", "verdict"]], on=["device_id", "timestamp"])
+    reviewed = reviewed[reviewed["verdict"].isin(["true_positive", "false_positive"])]
+    if reviewed.empty:
+        return
+    rows = model_frame.loc[frame["device_id"].isin(reviewed["device_id"].unique()).to_numpy()]
+    votes = detector.votes(rows)
+    at = rows.index.get_indexer(reviewed["row"])
+    table = pd.DataFrame({"verdict": reviewed["verdict"].to_numpy(), **{m: v[at] for m, v in votes.items()}})
+    priors = {m: float(detector.member_weights.get(m, 1.0)) for m in votes}
+    weights = suite.weights_from_feedback(table, list(votes), priors)
+    detector.reweight(train, weights, source=f"precision on {len(table)} reviewed anomalies")
 
 
 def with_overrides(config: PipelineConfig, baselines: BaselineSet) -> PipelineConfig:

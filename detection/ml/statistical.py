@@ -6,21 +6,21 @@ scoring model. Univariate methods (multivariate = False) treat every feature col
 series and score a row by the largest per-column score, each column in units of its own training
 spread, so one abnormal metric is enough.
 
-Sequential detectors (windowed_gaussian, stl_residual, forecast, and novelty.nn_novelty) read
-the rows in the order given (time order per device, as the pipeline passes them). A frame with a
-device column (detectors.SEQUENCE_KEY, which the pipeline's model_inputs adds; never a feature) is
-read as one series per device: each run of consecutive rows of one device is scored on its own,
-so no window, trend, forecast or neighbour search reaches into another device's rows. A frame
-without it is one series, scored exactly as before per-device reading existed. score_samples(X)
-on the very rows that trained (or on a frame, or a device's rows, that starts with them) runs
-from the start of those training rows; on any other frame the tail of the training rows is
-prepended as history, so the first scored rows are compared with the recent past, not with
-nothing: per device, the device's own tail (at most HISTORY rows, fewer on a large fleet:
-detectors.history_rows keeps HISTORY_BUDGET rows over all devices, at least HISTORY_FLOOR each);
-a device that training never saw starts without history, as a new series. The parameters fitted
-on the training rows (spreads, Holt's weights, STL's profile) are shared by the devices: see each
-detector's _fit_series for what per-device reading changes there. Nothing looks ahead: the score
-of row t reads rows up to t only.
+Sequential detectors (windowed_gaussian, stl_residual, forecast, novelty.nn_novelty, deep.lstm_ae
+and transformer.patchtst) read the rows in the order given (time order per device, as the pipeline
+passes them). A frame with a device column (detectors.SEQUENCE_KEY, which the pipeline's
+model_inputs adds; never a feature) is read as one series per device: each run of consecutive rows
+of one device is scored on its own, so no window, trend, forecast or neighbour search reaches into
+another device's rows. A frame without it is one series, scored exactly as before per-device reading
+existed. score_samples(X) on the very rows that trained (or on a frame, or a device's rows, that
+starts with them) runs from the start of those training rows; on any other frame the tail of the
+training rows is prepended as history, so the first scored rows are compared with the recent past,
+not with nothing: per device, the device's own tail (at most HISTORY rows, fewer on a large fleet:
+detectors.history_rows keeps HISTORY_BUDGET rows over all devices, at least HISTORY_FLOOR each); a
+device that training never saw starts without history, as a new series. The parameters fitted on the
+training rows (spreads, Holt's weights, STL's profile) are shared by the devices: see each
+detector's _fit_series for what per-device reading changes there. Nothing looks ahead: the score of
+row t reads rows up to t only.
 
 - grubbs: iterative Grubbs' test (Grubbs, Technometrics 1969) removes outliers from each training
   column at level alpha; a row's score is its |G| statistic against the cleaned mean and standard
@@ -48,14 +48,9 @@ import pandas as pd
 
 from .detectors import SEQUENCE_KEY, DetectorError, history_rows, register_detector, sequence_blocks
 from .features import robust_center_scale
-from .suite import _is_head, _MatrixDetector, _starts_with
+from .suite import _SPREAD_FLOOR, _is_head, _MatrixDetector, _starts_with, floored_center_scale
 
 _CONTAMINATION = {"contamination": {"default": 0.03, "min": 0.001, "max": 0.5}}
-
-
-def _spread(x: np.ndarray) -> np.ndarray:
-    """Robust spread per column (1.4826 * MAD, floored by features.robust_center_scale)."""
-    return robust_center_scale(x)[1]
 
 
 class _DevicePast(NamedTuple):
@@ -285,7 +280,7 @@ class STLResidualDetector(_SequentialDetector):
     MAX_PERIOD = 300
     MIN_ACF = 0.3
     TREND_WINDOW = 25
-    hyperparameters = {**_CONTAMINATION, "period": {"default": 0, "min": 0, "max": 10000}}
+    hyperparameters = {**_CONTAMINATION, **_SPREAD_FLOOR, "period": {"default": 0, "min": 0, "max": 10000}}
 
     def __init__(self, config=None, *, period: int | None = None, **kwargs):
         super().__init__(config, **kwargs)
@@ -319,7 +314,8 @@ class STLResidualDetector(_SequentialDetector):
         self.scales_ = np.ones(matrix.shape[1])
         residuals = self._score_series(matrix, 0) if spans is None else np.vstack(
             [self._score_block(matrix[a:b], 0, 0) for a, b in spans])
-        self.scales_ = _spread(residuals)
+        # The residuals of a zero-inflated metric are zero-inflated too: suite.spread_floor.
+        self.scales_ = floored_center_scale(residuals, self.config.spread_floor)[1]
 
     def _score_series(self, seq: np.ndarray, start: int) -> np.ndarray:
         # position of seq[0] from the first training row
@@ -342,7 +338,7 @@ class ForecastResidualDetector(_SequentialDetector):
 
     INTERVAL_Z = 1.96  # 95 % prediction interval
     SPIKE_WINDOW = 30
-    hyperparameters = {**_CONTAMINATION, "trend": {"default": False, "choices": [False, True]}}
+    hyperparameters = {**_CONTAMINATION, **_SPREAD_FLOOR, "trend": {"default": False, "choices": [False, True]}}
 
     def __init__(self, config=None, *, trend: bool = False, **kwargs):
         super().__init__(config, **kwargs)
@@ -372,7 +368,7 @@ class ForecastResidualDetector(_SequentialDetector):
         # (pooled); the training errors, hence sigma_, are each device's own, from its own level.
         errors = self._errors(matrix) if spans is None else np.vstack(
             [self._errors(matrix[a:b], self._level_at(matrix[a])) for a, b in spans])
-        self.sigma_ = np.maximum(_spread(errors), 1e-9)
+        self.sigma_ = np.maximum(floored_center_scale(errors, self.config.spread_floor)[1], 1e-9)
 
     def _level_at(self, first: np.ndarray) -> np.ndarray:
         """The starting level of a device's series whose first row is `first`: the fitted initial
@@ -450,4 +446,4 @@ class OneClassSVMDetector(_MatrixDetector):
         return -self.model_.decision_function(z) + 1e-3 * np.abs(z).mean(axis=1)
 
 
-from . import novelty  # noqa: E402,F401  (registers nn_novelty, a _SequentialDetector)
+from . import deep, novelty, transformer  # noqa: E402,F401  (register lstm_ae, nn_novelty, patchtst: _SequentialDetectors)

@@ -35,7 +35,7 @@ from .detectors import (
     DETECTORS, AnomalyDetector, AnomalyDetectorConfig, DetectorError, _robust_center_scale, history_rows,
     register_detector, sequence_blocks,
 )
-from .features import robust_center_scale
+from .features import MEAN_AD_TO_SIGMA, robust_center_scale
 
 
 def _is_head(label, row: np.ndarray, head: tuple) -> bool:
@@ -72,16 +72,43 @@ class _MatrixDetector(AnomalyDetector):
         return {self.name: self.score_samples(X)}
 
 
+_SPREAD_FLOOR = {"spread_floor": {"default": "mean_ad", "choices": ["mean_ad", "none"]}}
+
+
+def spread_floor(x: np.ndarray, center: np.ndarray) -> np.ndarray:
+    """Per column of x (rows x features), the spread of normal data with x's mean absolute deviation
+    around `center`: 1.2533 * mean |x - center| (sigma units). robust_z, iqr, stl_residual and
+    forecast floor their spreads with it (config.spread_floor "mean_ad", the default), as the
+    baselines floor their MAD.
+
+    Why: on a zero-inflated feature (half its training values at one point, the rest spread out) the
+    MAD and the IQR collapse to that point's width, and every ordinary value then scores in the
+    thousands. Measured on the demo fleet (two time folds, `manage.py tune`): network_rx_mb's
+    day-over-day delta had a robust_z spread of 0.000026 z-units and set the ensemble's score on
+    every flagged row (F1 0.065); with the floor the ensemble gets 0.429 (hybrid alone 0.354).
+    "none" keeps the plain MAD and IQR, with which a sensor that sits on one value in normal
+    running (SKAB's flow meter) alarms at any departure; SKAB's fleet config chooses it."""
+    return MEAN_AD_TO_SIGMA * np.mean(np.abs(x - center), axis=0)
+
+
+def floored_center_scale(x: np.ndarray, floor: str) -> tuple[np.ndarray, np.ndarray]:
+    """features.robust_center_scale(x): per-column median and 1.4826 * MAD, the spread at least
+    spread_floor(x, median) when floor (config.spread_floor) is "mean_ad"."""
+    center, spread = robust_center_scale(x)
+    return center, np.maximum(spread, spread_floor(x, center)) if floor == "mean_ad" else spread
+
+
 @register_detector("robust_z")
 class RobustZDetector(_MatrixDetector):
-    """The largest |robust z-score| of a row across features (Iglewicz & Hoaglin, 1993)."""
+    """The largest |robust z-score| of a row across features (Iglewicz & Hoaglin, 1993): each feature
+    centred on its training median, divided by 1.4826 * MAD (floored: see spread_floor)."""
 
     streaming = True
     multivariate = False
-    hyperparameters = {"contamination": {"default": 0.03, "min": 0.001, "max": 0.5}}
+    hyperparameters = {"contamination": {"default": 0.03, "min": 0.001, "max": 0.5}, **_SPREAD_FLOOR}
 
     def _fit_model(self, X: pd.DataFrame) -> None:
-        self.center_, self.spread_ = robust_center_scale(self._imputed(X))
+        self.center_, self.spread_ = floored_center_scale(self._imputed(X), self.config.spread_floor)
 
     def score_samples(self, X: pd.DataFrame) -> np.ndarray:
         return np.max(np.abs(self._imputed(X) - self.center_) / self.spread_, axis=1)
@@ -89,15 +116,19 @@ class RobustZDetector(_MatrixDetector):
 
 @register_detector("iqr")
 class IQRDetector(_MatrixDetector):
-    """The largest distance outside [Q1, Q3] across features, in IQRs (Tukey's fences, 1977)."""
+    """The largest distance outside [Q1, Q3] across features, in IQRs (Tukey's fences, 1977); the
+    IQR is floored at 1.349 times spread_floor (the IQR of normal data is 1.349 sigma)."""
 
     multivariate = False
-    hyperparameters = {"contamination": {"default": 0.03, "min": 0.001, "max": 0.5}}
+    hyperparameters = {"contamination": {"default": 0.03, "min": 0.001, "max": 0.5}, **_SPREAD_FLOOR}
+    NORMAL_IQR_TO_SIGMA = 1.349
 
     def _fit_model(self, X: pd.DataFrame) -> None:
         x = self._imputed(X)
         self.q1_, self.q3_ = np.percentile(x, [25, 75], axis=0)
         iqr = self.q3_ - self.q1_
+        if self.config.spread_floor == "mean_ad":
+            iqr = np.maximum(iqr, self.NORMAL_IQR_TO_SIGMA * spread_floor(x, np.median(x, axis=0)))
         self.iqr_ = np.where(iqr > 0, iqr, np.std(x, axis=0) + 1e-12)
 
     def score_samples(self, X: pd.DataFrame) -> np.ndarray:
@@ -186,6 +217,18 @@ class EnsembleDetector(AnomalyDetector):
         first = next(iter(self.members_.values()))
         self.features_, self.dropped_ = first.features_, first.dropped_
         self.weights_, self.medians_, self.scaler_ = first.weights_, first.medians_, first.scaler_
+        self.weights_source_ = "priors"
+        return self._fit_fusion(X)
+
+    def reweight(self, X: pd.DataFrame, weights: dict[str, float], *, source: str) -> "EnsembleDetector":
+        """Set the members' weights (e.g. weights_from_feedback) and refit what depends on them (the
+        fused scores' threshold and persistence history) on X, the training rows fit saw. The
+        members themselves are not refitted. source says where the weights came from (params)."""
+        self.member_weights.update({name: float(w) for name, w in weights.items()})
+        self.weights_source_ = source
+        return self._fit_fusion(X)
+
+    def _fit_fusion(self, X: pd.DataFrame) -> "EnsembleDetector":
         smooth = self.config.ensemble_smooth_rows
         # A trailing window needs consecutive rows: with persistence on, the threshold rows are the
         # last THRESHOLD_SAMPLE training rows rather than a random sample of them.
@@ -326,6 +369,9 @@ class EnsembleDetector(AnomalyDetector):
     def params(self) -> dict:
         return {**super().params(), "members": ",".join(self.members_), "excluded": dict(self.excluded_),
                 "member_weights": {n: float(self.member_weights.get(n, 1.0)) for n in self.members_},
+                "weights_source": getattr(self, "weights_source_", "priors"),
+                # Flat too: a model version's params JSON keeps only scalars as they are.
+                **{f"weight_{n}": float(self.member_weights.get(n, 1.0)) for n in self.members_},
                 "fusion": self.config.ensemble_fusion}
 
 
@@ -508,4 +554,4 @@ def tune_hyperparameters(name: str, X: pd.DataFrame, features: list[str], labels
 
 
 # Registers the statistical, forecast, kernel and deep detectors (they subclass _MatrixDetector).
-from . import deep, statistical  # noqa: E402,F401  (statistical registers novelty in turn)
+from . import statistical  # noqa: E402,F401  (statistical registers deep, novelty and transformer in turn)

@@ -53,3 +53,15 @@ def percent(value) -> str:
         return f"{float(value) * 100:.2f} %"
     except (TypeError, ValueError):
         return "–"
+
+
+@register.filter
+def member_weights(params: dict | None) -> dict | None:
+    """An ensemble model version's member weights from its params: {"weights": [(member, weight)],
+    "source": "priors" | "precision on N reviewed anomalies"}; None for a model that is not an ensemble."""
+    params = params or {}
+    weights = [(key.removeprefix("weight_"), value) for key, value in params.items()
+               if key.startswith("weight_") and isinstance(value, (int, float))]
+    if not weights:
+        return None
+    return {"weights": weights, "source": params.get("weights_source", "priors")}

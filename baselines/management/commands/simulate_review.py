@@ -20,6 +20,7 @@ from baselines import services
 from baselines.tasks import apply_chain
 from detection.choices import Label, Role, RunStatus, Trigger, Verdict
 from detection.ingest.loader import load_ground_truth
+from detection.management.checks import fleet_named
 from detection.ml.evaluation import binary_metrics, in_windows
 from detection.models import AnomalyFeedback, AnomalyResult, Fleet, PipelineRun
 from detection.services import feedback_give, pipeline_run_create, pipeline_run_execute
@@ -36,11 +37,7 @@ class Command(BaseCommand):
         parser.add_argument("--json", dest="json_path", help="also write the table to this JSON file")
 
     def handle(self, *args, **opts):
-        try:
-            fleet = Fleet.objects.get(name=opts["fleet"])
-        except Fleet.DoesNotExist:
-            known = ", ".join(Fleet.objects.values_list("name", flat=True)) or "none yet"
-            raise CommandError(f"unknown fleet {opts['fleet']!r} (known: {known})") from None
+        fleet = fleet_named(opts["fleet"])
         if opts["rounds"] < 0:
             raise CommandError(f"--rounds must be >= 0, got {opts['rounds']}")
         truth = load_ground_truth(fleet)

@@ -2,9 +2,8 @@
 from django.core.management.base import BaseCommand, CommandError
 
 from detection.choices import RunStatus, Trigger
-from detection.models import Fleet
 from detection.services import PipelineRunError, pipeline_run_create, pipeline_run_execute
-from detection.management.checks import migrated_database
+from detection.management.checks import fleet_named, migrated_database
 
 
 class Command(BaseCommand):
@@ -19,11 +18,7 @@ class Command(BaseCommand):
 
     @migrated_database
     def handle(self, *args, **opts):
-        try:
-            fleet = Fleet.objects.get(name=opts["fleet"])
-        except Fleet.DoesNotExist:
-            known = ", ".join(Fleet.objects.values_list("name", flat=True)) or "none yet"
-            raise CommandError(f"unknown fleet {opts['fleet']!r} (known: {known})") from None
+        fleet = fleet_named(opts["fleet"])
         params = {k: opts[k] for k in ("train_until", "train_rows_per_device") if opts[k] is not None}
         params["score"] = opts["score"]
         try:
