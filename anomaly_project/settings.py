@@ -280,6 +280,8 @@ VIGIL_DETECTION = {
     "delta_lag": envstr("VIGIL_DELTA_LAG", "1D"),
     "z_level": envstr("VIGIL_Z_LEVEL", "cohort"),
     "baseline_min_rows": envint("VIGIL_BASELINE_MIN_ROWS", 25),
+    # A device's baseline MAD is at least this share of its cohort's (baselines.engine).
+    "device_mad_floor": envfloat("VIGIL_DEVICE_MAD_FLOOR", 0.1),
     "hybrid_temporal_weight": envfloat("VIGIL_HYBRID_TEMPORAL_WEIGHT", 0.6),
     "hybrid_temporal": envstr("VIGIL_HYBRID_TEMPORAL", "baseline"),
     "top_metrics": envint("VIGIL_TOP_METRICS", 5),

@@ -24,7 +24,9 @@ by storage_free's device-level z (the hybrid detector's temporal score); with th
 4-6 %. In-sample detection of the injected windows (benchmarks/synthetic_quality.py), SKAB and
 C-MAPSS are unchanged. A device-level change that matters (a step of a tenth of the cohort's spread
 or more) still scores high. Other levels keep their own MAD: a cohort, store or customer spans many
-devices over the whole window, so its spread already holds the devices' drift.
+devices over the whole window, so its spread already holds the devices' drift. A fleet sets its own
+floor with the detection setting `device_mad_floor` (PipelineConfig.device_mad_floor); SKAB's
+benchmark config raises it to 0.5 (detection.evaluation.SKAB_FLEET_CONFIG says why).
 
 The robust z-score is (x - median) / (1.4826 * MAD)
 (Iglewicz & Hoaglin, "How to Detect and Handle Outliers", 1993; Rousseeuw & Croux, 1993).

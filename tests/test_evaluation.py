@@ -39,9 +39,9 @@ def test_skab_valve1_meets_measured_floors(shared_data, tmp_path, capsys):
     call_command("evaluate", "skab", str(shared_data / "skab" / "data" / "valve1"), "--json", str(out),
                  "--predictions-dir", str(preds))
     result = json.loads(out.read_text())
-    # Measured on 2026-11-21: F1 0.460, FAR 15.5 %, MAR 66.2 % (hybrid detector, device baselines).
-    assert result["f1"] >= 0.42
-    assert result["far_pct"] <= 18.0
+    # Measured on 2026-11-21: F1 0.426, FAR 12.7 %, MAR 70.0 % (hybrid detector, device baselines).
+    assert result["f1"] >= 0.40
+    assert result["far_pct"] <= 16.0
     assert result["files"] == 16 and result["scored_rows"] == sum(
         len(pd.read_csv(f, sep=";")) - 400 for f in (shared_data / "skab" / "data" / "valve1").glob("*.csv"))
     written = sorted(preds.glob("*.csv"))
@@ -197,14 +197,16 @@ def test_evaluate_refuses_a_missing_path(tmp_path):
 
 # Measured on 2026-11-21; floors/ceilings leave a margin. SKAB valve1 files 1 and 7: {detector: (F1 floor,
 # FAR % ceiling)}. NAB realAdExchange (6 files), standard profile, rank_suppress calibration.
-# Measured: robust_z 0.842/37.7, iqr 0.844/37.2, grubbs 0.821/44.9, lstm_ae 0.813/41.6,
-# windowed_gaussian 0.196/6.5, ensemble 0.769/23.9 (two files only: one pooled model, so FAR is high;
-# 0.794/66.5 without alarm persistence); NAB: windowed_gaussian 73.2, robust_z 70.5, and nn_novelty
+# Measured with SKAB's settings (device_mad_floor 0.5, 45 s windows): robust_z 0.792/35.1, iqr 0.796/35.9,
+# grubbs 0.798/43.0, lstm_ae 0.785/50.8, windowed_gaussian 0.256/9.5, ensemble 0.839/6.8 (two files
+# only: one pooled model). With the fleets' 0.1 and 60 s windows they were 0.842/37.7, 0.844/37.2,
+# 0.821/44.9, 0.813/41.6, 0.196/6.5 and 0.769/23.9: on these two files lstm_ae's FAR rose, while on all
+# 16 it fell (README). NAB: windowed_gaussian 73.2, robust_z 70.5, and nn_novelty
 # 75.2 with its own calibration (ratio_suppress over 20 rows). windowed_gaussian measured 0.422/8.4
 # before each file was read as its own series (detectors.SEQUENCE_KEY), when file 1's scored rows
 # were read after file 7's training rows.
-SKAB_FLOORS = {"robust_z": (0.80, 42.0), "iqr": (0.80, 42.0), "grubbs": (0.78, 50.0), "lstm_ae": (0.75, 50.0),
-               "windowed_gaussian": (0.17, 9.0), "ensemble": (0.72, 30.0)}
+SKAB_FLOORS = {"robust_z": (0.76, 40.0), "iqr": (0.76, 40.0), "grubbs": (0.76, 48.0), "lstm_ae": (0.75, 56.0),
+               "windowed_gaussian": (0.20, 12.0), "ensemble": (0.80, 10.0)}
 NAB_AD_EXCHANGE_FLOORS = {"windowed_gaussian": 68.0, "robust_z": 65.0, "nn_novelty": 70.0}
 
 @pytest.mark.slow
@@ -235,8 +237,8 @@ def test_evaluate_all_detectors_prints_one_table_with_timings(shared_data, tmp_p
 @pytest.mark.django_db
 def test_skab_ensemble_alarm_persistence_meets_floors_on_the_held_out_files(shared_data, tmp_path):
     """The odd-numbered valve1 files, which played no part in choosing the 20-row persistence (chosen
-    on the even ones). Measured on 2026-11-21: F1 0.909, FAR 5.3 %, MAR 13.0 % with persistence;
-    0.881 / 14.0 % / 12.0 % for the same ensemble without it."""
+    on the even ones). Measured on 2026-11-21: F1 0.903, FAR 2.6 %, MAR 15.8 % with persistence
+    (0.909 / 5.3 % / 13.0 % before SKAB's device_mad_floor 0.5 and 45 s windows)."""
     subset = tmp_path / "skab"
     subset.mkdir()
     valve1 = shared_data / "skab" / "data" / "valve1"
@@ -250,6 +252,37 @@ def test_skab_ensemble_alarm_persistence_meets_floors_on_the_held_out_files(shar
     plain = evaluate_skab(path=subset, config={"algorithm": "ensemble", "ensemble_smooth_rows": 1})
     assert plain.metrics.far - held["far_pct"] >= 5.0  # persistence removes most false alarms
     assert held["f1"] > plain.metrics.f1
+
+
+@pytest.mark.slow
+def test_skab_settings_keep_few_false_alarms_on_the_rigs_normal_running(shared_data):
+    """SKAB's anomaly-free recording cut into 8 experiments like valve1's (benchmarks/skab_injected.py):
+    every scored row is normal, so the flagged share is the false alarm rate. Measured on 2026-11-21:
+    the ensemble flags 6.2 % with SKAB's device_mad_floor (0.5) and 12.3 % with the fleets' 0.1 (15.2 %
+    with 0.1 and 60 s windows), its alarms growing with time since the 400 training rows."""
+    import importlib.util
+
+    from django.conf import settings
+
+    from detection.evaluation import SKAB_FLEET_CONFIG
+    from detection.ml.pipeline import PipelineConfig, TrainingWindow, run_core
+
+    from tests.conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("skab_injected", REPO_ROOT / "benchmarks" / "skab_injected.py")
+    injected = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(injected)
+    frame, _, metrics, cohort = injected.pseudo_experiments(shared_data / "skab", [], 0)
+    assert frame["device_id"].nunique() == 8
+    far = {}
+    for floor in (SKAB_FLEET_CONFIG["device_mad_floor"], 0.1):
+        config = PipelineConfig.from_settings(
+            {**settings.VIGIL_DETECTION, **SKAB_FLEET_CONFIG, "algorithm": "ensemble", "device_mad_floor": floor},
+            cohort_columns=cohort, window=TrainingWindow(train_rows_per_device=400, score="after_training"))
+        flagged = run_core(frame, metrics=metrics, metric_domain={}, config=config).result.labels == -1
+        far[floor] = 100 * flagged.mean()
+    assert far[SKAB_FLEET_CONFIG["device_mad_floor"]] <= 9.0
+    assert far[0.1] >= 12.0
 
 
 @pytest.mark.slow

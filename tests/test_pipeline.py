@@ -188,3 +188,28 @@ def test_a_misspelt_baseline_level_fails_the_run_instead_of_falling_back(fleet):
     run = _run(fleet)
     assert run.status == RunStatus.FAILED
     assert "unknown baseline level(s) ['fleet']" in run.error
+
+
+def test_the_device_mad_floor_setting_reaches_the_baselines_and_a_bad_value_fails_the_run(fleet):
+    """A fleet's device_mad_floor is what the baselines floor each device's MAD at (a share of its
+    cohort's); 0 leaves every device its own MAD."""
+    def device_and_cohort_mads(run):
+        stats = pd.DataFrame(BaselineStatistic.objects.filter(version=run.baseline_version).values(
+            "level", "group_key", "feature", "mad", "fallback_level"))
+        device = stats[(stats.level == "device") & (stats.fallback_level == "")]
+        cohort = stats[stats.level == "cohort"].groupby("feature")["mad"].min()
+        return device, cohort
+
+    fleet.config = {"device_mad_floor": 0.8}
+    fleet.save()
+    device, cohort = device_and_cohort_mads(_run(fleet))
+    ratio = device["mad"].to_numpy() / device["feature"].map(cohort).to_numpy()
+    assert len(device) and (ratio >= 0.8 - 1e-9).all()  # its own cohort's MAD is at least the smallest
+    fleet.config = {"device_mad_floor": 0}
+    fleet.save()
+    device, cohort = device_and_cohort_mads(_run(fleet))
+    assert (device["mad"].to_numpy() / device["feature"].map(cohort).to_numpy() < 0.8).mean() > 0.1  # 22 % measured
+    fleet.config = {"device_mad_floor": -1}
+    fleet.save()
+    run = _run(fleet)
+    assert run.status == RunStatus.FAILED and "device_mad_floor must be a number from 0 to 100, got -1" in run.error

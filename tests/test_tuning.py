@@ -82,6 +82,8 @@ def test_bad_input_is_refused_before_anything_runs(fleet):
     cases = [({"contamnation": [0.1]}, "'contamnation' is not a detection setting"),
              ({"contamination": 0.1}, "needs a non-empty list"),
              ({"contamination": [0.9]}, "contamination=0.9 is not a valid setting"),
+             ({"device_mad_floor": [-0.5]}, "device_mad_floor must be a number from 0 to 100, got -0.5"),
+             ({"device_mad_floor": ["half"]}, "device_mad_floor='half' is not a valid setting"),
              ({}, "non-empty object"),
              ({"contamination": [0.01] * 8, "n_estimators": [10] * 8}, "64 combinations")]
     for grid, message in cases:

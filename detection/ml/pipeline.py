@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from baselines.engine import LEVELS, BaselineSet, apply_baselines, compute_baselines, model_overrides
+from baselines.engine import DEVICE_MAD_FLOOR, LEVELS, BaselineSet, apply_baselines, compute_baselines, model_overrides
 
 from . import suite  # (importing it registers the statistical, density and ensemble detectors)
 from .detectors import DETECTORS, SEQUENCE_KEY, AnomalyDetectorConfig, DetectorError
@@ -70,6 +70,8 @@ class PipelineConfig:
     window: TrainingWindow = field(default_factory=TrainingWindow)
     baseline_levels: tuple[str, ...] = LEVELS
     baseline_min_rows: int = 25
+    # A device's baseline MAD is at least this share of its cohort's (baselines.engine, DEVICE_MAD_FLOOR).
+    device_mad_floor: float = DEVICE_MAD_FLOOR
     z_level: str = "cohort"
     top_k: int = 5
     severity_bands: tuple[float, float, float] = (4.0, 6.0, 10.0)
@@ -84,6 +86,9 @@ class PipelineConfig:
         unknown = [lv for lv in (*self.baseline_levels, self.z_level) if lv not in LEVELS]
         if unknown:  # a typo here would otherwise surface only as a baseline failure and a fallback
             raise ValueError(f"unknown baseline level(s) {unknown}; known: {list(LEVELS)}")
+        floor = self.device_mad_floor
+        if isinstance(floor, bool) or not (isinstance(floor, (int, float)) and 0 <= floor <= 100):
+            raise ValueError(f"device_mad_floor must be a number from 0 to 100, got {self.device_mad_floor!r}")
 
     @classmethod
     def from_settings(cls, values: dict, *, cohort_columns: list[str], window: TrainingWindow | None = None
@@ -101,6 +106,7 @@ class PipelineConfig:
             window=window or TrainingWindow(),
             baseline_levels=tuple(values.get("baseline_levels", LEVELS)),
             baseline_min_rows=int(values.get("baseline_min_rows", 25)),
+            device_mad_floor=values.get("device_mad_floor", DEVICE_MAD_FLOOR),
             z_level=values.get("z_level", "cohort"),
             top_k=int(values.get("top_metrics", 5)),
             severity_bands=tuple(values.get("severity_z", (4.0, 6.0, 10.0))),
@@ -201,6 +207,7 @@ def run_core(df: pd.DataFrame, *, metrics: list[str], metric_domain: dict[str, s
                 levels = tuple(dict.fromkeys([*config.baseline_levels, config.z_level, "device"]))
                 baselines = compute_baselines(
                     training_rows(frame), usable, levels, min_rows=config.baseline_min_rows,
+                    device_mad_floor=float(config.device_mad_floor),
                     cohort_columns=config.features.cohort_columns, seed=config.detector.random_state)
                 model_frame, model_features, temporal_features = model_inputs(
                     frame, baselines=baselines, usable=usable, metrics=metrics, config=config)
