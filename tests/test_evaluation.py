@@ -255,6 +255,32 @@ def test_skab_ensemble_alarm_persistence_meets_floors_on_the_held_out_files(shar
 
 
 @pytest.mark.slow
+@pytest.mark.django_db
+def test_skab_trains_one_model_per_experiment_folder(shared_data, tmp_path, capsys):
+    """A folder's files score the same whether or not another folder is evaluated with them: each
+    experiment series (valve1, valve2, other) gets its own model, and the figures pool every row."""
+    valve1 = shared_data / "skab" / "data" / "valve1"
+    both, alone = tmp_path / "both" / "data", tmp_path / "alone" / "data"
+    for root, folders in ((both, {"valve1": (1, 7), "valve2": (2, 8)}), (alone, {"valve1": (1, 7)})):
+        for folder, files in folders.items():
+            (root / folder).mkdir(parents=True)
+            for k in files:
+                (root / folder / f"{k}.csv").write_bytes((valve1 / f"{k}.csv").read_bytes())
+    config = {"algorithm": "ensemble"}
+    pooled = evaluate_skab(path=both.parent, config=config)
+    single = evaluate_skab(path=alone.parent, config=config)
+    assert len(pooled.run_ids) == 2 and len(single.run_ids) == 1 and pooled.files == 4
+    for name in ("valve1/1", "valve1/7"):
+        assert pooled.per_file[name] == single.per_file[name]
+    rows = {name: f["tp"] + f["fp"] + f["fn"] + f["tn"] for name, f in pooled.per_file.items()}
+    assert pooled.scored_rows == sum(rows.values())
+    assert pooled.metrics.tp == sum(f["tp"] for f in pooled.per_file.values())
+    assert not Fleet.objects.exists()
+    call_command("evaluate", "skab", str(both.parent), "--detector", "ensemble")
+    assert "one model per folder (2: valve1, valve2)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_skab_settings_keep_few_false_alarms_on_the_rigs_normal_running(shared_data):
     """SKAB's anomaly-free recording cut into 8 experiments like valve1's (benchmarks/skab_injected.py):
     every scored row is normal, so the flagged share is the false alarm rate. Measured on 2026-11-21:

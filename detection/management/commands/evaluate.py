@@ -142,7 +142,7 @@ class Command(BaseCommand):
         persistence = f"; alarm persistence: {statistic} of the last {rows} rows" if rows > 1 and reads \
             else ""
         self.stdout.write(f"\nSKAB, {result.files} files, {result.scored_rows:,} scored rows "
-                          f"(detector {result.detector}; trained on the first {SKAB_TRAIN_ROWS} rows of each file"
+                          f"(detector {result.detector}; {_models(result)}, trained on the first {SKAB_TRAIN_ROWS} rows of each file"
                           f"{persistence})")
         self.stdout.write(f"{'file':<20} {'F1':>6} {'FAR %':>7} {'MAR %':>7}")
         for name, f in sorted(result.per_file.items(), key=lambda kv: _natural(kv[0])):
@@ -215,3 +215,9 @@ def _cycles(value) -> str:
 def _natural(name: str):
     head, _, tail = name.rpartition("/")
     return (head, int(tail)) if tail.isdigit() else (head, 0)
+
+
+def _models(result) -> str:
+    """'one model' or 'one model per folder (3: other, valve1, valve2)' from the per-file names."""
+    folders = sorted({name.split("/", 1)[0] for name in result.per_file})
+    return "one model" if len(folders) == 1 else f"one model per folder ({len(folders)}: {', '.join(folders)})"
