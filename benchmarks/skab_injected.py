@@ -13,6 +13,8 @@ rate of SKAB's settings on normal running of the same rig.
 
     python benchmarks/skab_injected.py ../shared/data/skab [--step 3] [--detector ensemble]
     python benchmarks/skab_injected.py ../shared/data/skab --pooled-with-valve1 vibration --detector ensemble
+    python benchmarks/skab_injected.py ../shared/data/skab --pooled-with-valve1 vibration --detector ensemble \
+        --one-folder --set device_mad_floor=0.1
 
 Writes one line per (fault, detector, spread_floor). Takes about a minute on 2 cores. With
 --pooled-with-valve1 FAULT it instead trains one model on valve1's 16 files and the pseudo-experiments
@@ -88,9 +90,12 @@ def valve1_experiments(path: Path):
     return frame.reset_index(drop=True), windows[["device_id", "external_id", "start", "end", "kind", "metric"]]
 
 
-def pooled_with_valve1(path: Path, fault: list[str], step: float, detectors: list[str]) -> None:
+def pooled_with_valve1(path: Path, fault: list[str], step: float, detectors: list[str], one_folder: bool,
+                       overrides: dict) -> None:
     """One model over valve1's files and the pseudo-experiments (another series of the rig, at another
-    flow), against each alone: what pooling two experiment series into one model costs each."""
+    flow), against each alone: what pooling two experiment series into one model costs each. With
+    one_folder the pseudo-experiments join valve1's cohort, as files of one folder at two operating
+    points would; overrides change SKAB's fleet config (e.g. {"device_mad_floor": 0.1})."""
     from django.conf import settings
 
     from detection.evaluation import SKAB_FLEET_CONFIG
@@ -99,13 +104,13 @@ def pooled_with_valve1(path: Path, fault: list[str], step: float, detectors: lis
 
     pseudo, pseudo_windows, metrics, cohort = pseudo_experiments(path, fault, step)
     valve1, valve1_windows = valve1_experiments(path)
-    both = pd.concat([valve1, pseudo], ignore_index=True)
+    both = pd.concat([valve1, pseudo.assign(model="valve1") if one_folder else pseudo], ignore_index=True)
     windows = pd.concat([valve1_windows, pseudo_windows], ignore_index=True)
     print(f"{'detector':<10} {'model':<8} {'rows of':<8} {'F1':>6} {'FAR %':>6} {'MAR %':>6}")
     for detector in detectors:
-        config = PipelineConfig.from_settings({**settings.VIGIL_DETECTION, **SKAB_FLEET_CONFIG, "algorithm": detector},
-                                              cohort_columns=cohort,
-                                              window=TrainingWindow(train_rows_per_device=TRAIN, score="after_training"))
+        config = PipelineConfig.from_settings(
+            {**settings.VIGIL_DETECTION, **SKAB_FLEET_CONFIG, **overrides, "algorithm": detector},
+            cohort_columns=cohort, window=TrainingWindow(train_rows_per_device=TRAIN, score="after_training"))
         for model, frame in (("pooled", both), ("alone", valve1), ("alone", pseudo)):
             out = run_core(frame, metrics=metrics, metric_domain={}, config=config)
             truth = in_windows(out.scored, windows)
@@ -127,6 +132,10 @@ def main() -> None:
     parser.add_argument("--pooled-with-valve1", metavar="FAULT", choices=list(FAULTS),
                         help="instead: one model over valve1's files and the pseudo-experiments with this fault, "
                              "against each alone")
+    parser.add_argument("--one-folder", action="store_true",
+                        help="with --pooled-with-valve1: the pseudo-experiments join valve1's folder (cohort)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                        help="with --pooled-with-valve1: override a setting of SKAB's fleet config")
     args = parser.parse_args()
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "anomaly_project.settings")
     import django
@@ -143,7 +152,13 @@ def main() -> None:
         parser.error(f"{path} is not a folder")
     detectors = args.detector or ["ensemble", "auto"]
     if args.pooled_with_valve1:
-        pooled_with_valve1(path, [args.pooled_with_valve1], args.step, detectors)
+        import json
+
+        try:
+            overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+        except ValueError as exc:
+            parser.error(f"--set takes KEY=JSON, e.g. device_mad_floor=0.1 ({exc})")
+        pooled_with_valve1(path, [args.pooled_with_valve1], args.step, detectors, args.one_folder, overrides)
         return
     faults = [[f] for f in FAULTS] if args.step else [[]]
     print(f"{'fault':<13} {'detector':<10} {'spread_floor':<12} {'F1':>6} {'FAR %':>6} {'MAR %':>6}")

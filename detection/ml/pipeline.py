@@ -16,7 +16,9 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from baselines.engine import DEVICE_MAD_FLOOR, LEVELS, BaselineSet, apply_baselines, compute_baselines, model_overrides
+from baselines.engine import (
+    DEVICE_MAD_FLOOR, LEVELS, BaselineSet, apply_baselines, compute_baselines, model_overrides,
+)
 
 from . import suite  # (importing it registers the statistical, density and ensemble detectors)
 from .detectors import DETECTORS, SEQUENCE_KEY, AnomalyDetectorConfig, DetectorError
@@ -88,7 +90,7 @@ class PipelineConfig:
             raise ValueError(f"unknown baseline level(s) {unknown}; known: {list(LEVELS)}")
         floor = self.device_mad_floor
         if isinstance(floor, bool) or not (isinstance(floor, (int, float)) and 0 <= floor <= 100):
-            raise ValueError(f"device_mad_floor must be a number from 0 to 100, got {self.device_mad_floor!r}")
+            raise ValueError(f"device_mad_floor must be a number from 0 to 100, got {floor!r}")
 
     @classmethod
     def from_settings(cls, values: dict, *, cohort_columns: list[str], window: TrainingWindow | None = None

@@ -41,9 +41,9 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("dataset", choices=["nab", "skab", "cmapss"])
         parser.add_argument("path", help="; ".join(f"{k}: {v}" for k, v in PATH_HELP.items()))
-        parser.add_argument("--detector", help="a registered detector, or 'all' for one row per detector "
-                                               "but the experimental ones (default: the benchmark's best measured: "
-                                               + ", ".join(f"{k} {v}" for k, v in DEFAULT_DETECTOR.items()) + ")")
+        defaults = ", ".join(f"{k} {v}" for k, v in DEFAULT_DETECTOR.items())
+        parser.add_argument("--detector", help="a registered detector, or 'all' for one row per detector but the "
+                                               f"experimental ones (default: the benchmark's best measured: {defaults})")
         parser.add_argument("--json", dest="json_path", help="write the figures to this JSON file")
         parser.add_argument("--results-dir", help="nab: write NAB's results layout "
                                                   "(DIR/<detector>/<category>/<detector>_<file>.csv) here")
@@ -148,7 +148,8 @@ class Command(BaseCommand):
         persistence = f"; alarm persistence: {statistic} of the last {rows} rows" if rows > 1 and reads \
             else ""
         self.stdout.write(f"\nSKAB, {result.files} files, {result.scored_rows:,} scored rows "
-                          f"(detector {result.detector}; {_models(result)}, trained on the first {SKAB_TRAIN_ROWS} rows of each file"
+                          f"(detector {result.detector}; {_models(result)}, trained on the first "
+                          f"{SKAB_TRAIN_ROWS} rows of each file"
                           f"{persistence})")
         self.stdout.write(f"{'file':<20} {'F1':>6} {'FAR %':>7} {'MAR %':>7}")
         for name, f in sorted(result.per_file.items(), key=lambda kv: _natural(kv[0])):
@@ -226,4 +227,6 @@ def _natural(name: str):
 def _models(result) -> str:
     """'one model' or 'one model per folder (3: other, valve1, valve2)' from the per-file names."""
     folders = sorted({name.split("/", 1)[0] for name in result.per_file})
-    return "one model" if len(folders) == 1 else f"one model per folder ({len(folders)}: {', '.join(folders)})"
+    if len(folders) == 1:
+        return "one model"
+    return f"one model per folder ({len(folders)}: {', '.join(folders)})"
