@@ -13,6 +13,10 @@ candidate's figures are the pooled precision, recall, F1 and FAR over its folds'
 the mean of its per-fold F1. The best candidate has the highest pooled F1 (ties: the earlier in
 the grid). With apply, the best values are written into the fleet's config, and the change is
 audited (AuditAction.FLEET_TUNED) in the same transaction.
+
+A grid varies detection settings (contamination, ensemble_smooth_rows, ...) and detectors' own
+hyperparameters, named "<detector>.<parameter>" (lstm_ae.window, lof.n_neighbors: see
+detection.ml.detectors.settable_hyperparameters), which go into the setting detector_params.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from django.db import transaction
 
 from .choices import AuditAction
 from .ingest.loader import load_ground_truth, load_telemetry_frame
-from .ml.detectors import DETECTORS, AnomalyDetectorConfig
+from .ml.detectors import DETECTORS, AnomalyDetectorConfig, settable_hyperparameters
 from .ml.evaluation import BinaryMetrics, binary_metrics, in_windows
 from .ml.pipeline import PipelineConfig, StageError, TrainingWindow, run_core
 from .models import Fleet
@@ -96,9 +100,26 @@ class TuningResult:
 
 
 def tunable_settings() -> list[str]:
-    """The fleet config keys a grid may vary: settings.VIGIL_DETECTION's keys and the detector
-    config's fields (contamination, ensemble_smooth_rows, ...)."""
-    return sorted(set(settings.VIGIL_DETECTION) | set(AnomalyDetectorConfig.__dataclass_fields__))
+    """The keys a grid may vary: settings.VIGIL_DETECTION's keys, the detector config's fields
+    (contamination, ensemble_smooth_rows, ...) and "<detector>.<parameter>" for every detector's
+    settable hyperparameter (lstm_ae.window, ...). detector_params itself is set through the latter."""
+    plain = set(settings.VIGIL_DETECTION) | set(AnomalyDetectorConfig.__dataclass_fields__)
+    dotted = {f"{name}.{p}" for name in DETECTORS for p in settable_hyperparameters(name)}
+    return sorted((plain - {"detector_params"}) | dotted)
+
+
+def with_params(config: dict, params: dict) -> dict:
+    """config with a grid point's params applied: plain keys replace, "<detector>.<parameter>" keys
+    go into detector_params, merged with the detector parameters config already has."""
+    out = {**config, **{k: v for k, v in params.items() if "." not in k}}
+    dotted = {k: v for k, v in params.items() if "." in k}
+    if dotted:
+        merged = {d: dict(p) for d, p in (config.get("detector_params") or {}).items()}
+        for key, value in dotted.items():
+            detector, parameter = key.split(".", 1)
+            merged.setdefault(detector, {})[parameter] = value
+        out["detector_params"] = merged
+    return out
 
 
 def tune_fleet(*, fleet: Fleet, grid: dict | None = None, algorithm: str | None = None, folds: int = 3,
@@ -168,7 +189,7 @@ def _candidates(fleet: Fleet, grid, algorithm: str, base: dict) -> list[Candidat
     for values in combos:
         params = dict(zip(grid, values))
         try:  # every candidate must make a valid pipeline config before any of them runs
-            config = PipelineConfig.from_settings({**base, "algorithm": algorithm, **params},
+            config = PipelineConfig.from_settings(with_params({**base, "algorithm": algorithm}, params),
                                                   cohort_columns=fleet.cohort_columns)
         except (ValueError, TypeError) as exc:  # DetectorError is a ValueError
             setting = ", ".join(f"{k}={v!r}" for k, v in params.items())
@@ -208,12 +229,15 @@ def _run_candidate(candidate: Candidate, fleet: Fleet, plans) -> None:
 
 
 def _apply(fleet: Fleet, best: Candidate, algorithm: str, actor, result: TuningResult) -> None:
-    changes = {**best.params}
-    if algorithm != fleet.detection_config()["algorithm"]:
-        changes["algorithm"] = algorithm
     with transaction.atomic():
         fleet = Fleet.objects.select_for_update().get(pk=fleet.pk)
         config = dict(fleet.config or {})
+        updated = with_params(config, best.params)
+        keys = [k for k in best.params if "." not in k]
+        keys += ["detector_params"] if any("." in k for k in best.params) else []
+        changes = {k: updated[k] for k in keys}
+        if algorithm != fleet.detection_config()["algorithm"]:
+            changes["algorithm"] = algorithm
         before = {k: config.get(k, settings.VIGIL_DETECTION.get(k)) for k in changes}
         config.update(changes)
         fleet.config = config

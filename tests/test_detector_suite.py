@@ -402,3 +402,22 @@ def test_spread_floor_is_validated_and_declared():
         AnomalyDetectorConfig(spread_floor="mad")
     for name in ("robust_z", "iqr", "stl_residual", "forecast"):
         assert detector_metadata(name)["hyperparameters"]["spread_floor"]["default"] == "mean_ad"
+
+
+def test_settable_hyperparameters_are_the_schema_entries_each_constructor_takes():
+    from detection.ml.detectors import check_hyperparameter, make_detector, settable_hyperparameters
+
+    assert list(settable_hyperparameters("lstm_ae")) == ["window", "hidden", "epochs"]
+    assert list(settable_hyperparameters("lof")) == ["n_neighbors"]
+    assert settable_hyperparameters("robust_z") == {}  # contamination, spread_floor: settings of their own
+    config = AnomalyDetectorConfig.from_mapping({"detector_params": {"grubbs": {"alpha": 0.01},
+                                                                     "windowed_gaussian": {"window": 50}}})
+    assert make_detector("grubbs", config).alpha == 0.01 and make_detector("windowed_gaussian", config).window == 50
+    assert make_detector("grubbs").alpha == 0.05  # no params: the default
+    assert check_hyperparameter("forecast", "trend", True) is True
+    with pytest.raises(DetectorError, match="forecast.trend must be one of"):
+        check_hyperparameter("forecast", "trend", "yes")
+    with pytest.raises(DetectorError, match="grubbs.alpha must be a number, got 'low'"):
+        AnomalyDetectorConfig.from_mapping({"detector_params": {"grubbs": {"alpha": "low"}}})
+    with pytest.raises(DetectorError, match="detector_params must be an object"):
+        AnomalyDetectorConfig.from_mapping({"detector_params": {"grubbs": 0.01}})

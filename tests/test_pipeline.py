@@ -213,3 +213,25 @@ def test_the_device_mad_floor_setting_reaches_the_baselines_and_a_bad_value_fail
     fleet.save()
     run = _run(fleet)
     assert run.status == RunStatus.FAILED and "device_mad_floor must be a number from 0 to 100, got -1" in run.error
+
+
+def test_a_fleets_detector_params_reach_the_detector_and_its_ensemble_members(fleet):
+    fleet.config = {"algorithm": "ensemble", "ensemble_members": ["robust_z", "lof"],
+                    "detector_params": {"lof": {"n_neighbors": 11}, "lstm_ae": {"window": 5}}}
+    fleet.save()
+    run = _run(fleet)
+    assert run.status == RunStatus.SUCCEEDED, run.error
+    model = run.model_version
+    detector = load_artifact(model.artifact_path, kind="model", checksum=model.artifact_checksum)["detector"]
+    assert detector.members_["lof"].n_neighbors == 11 and detector.members_["lof"].model_.n_neighbors_ == 11
+    fleet.config = {"algorithm": "lof"}
+    fleet.save()
+    plain = _run(fleet).model_version
+    assert load_artifact(plain.artifact_path, kind="model")["detector"].n_neighbors == 35  # the default
+    for params, message in [({"lof": {"n_neighbors": 2}}, "lof.n_neighbors must be between 5 and 200, got 2"),
+                            ({"lof": {"k": 3}}, "lof has no settable hyperparameter 'k'; settable: n_neighbors"),
+                            ({"lstm": {"window": 3}}, "unknown detector 'lstm'")]:
+        fleet.config = {"algorithm": "lof", "detector_params": params}
+        fleet.save()
+        run = _run(fleet)
+        assert run.status == RunStatus.FAILED and message in run.error

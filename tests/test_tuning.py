@@ -71,6 +71,24 @@ def test_apply_with_another_detector_switches_the_fleet_to_it(fleet):
     assert event.before["algorithm"] == "hybrid" and event.after["algorithm"] == "robust_z"
 
 
+def test_a_detectors_own_hyperparameter_is_tuned_and_applied_into_detector_params(fleet):
+    fleet.config = {"algorithm": "ensemble", "detector_params": {"lstm_ae": {"window": 12}}}
+    fleet.save()
+    result = tune_fleet(fleet=fleet, grid={"lof.n_neighbors": [5, 60]}, folds=2, apply=True)
+    assert [c.params for c in result.candidates] == [{"lof.n_neighbors": 5}, {"lof.n_neighbors": 60}]
+    assert all(not c.error for c in result.candidates)
+    # Each candidate's ensemble really runs its LOF member with that many neighbours.
+    assert [c.config.detector.params_for("lof") for c in result.candidates] == [{"n_neighbors": 5},
+                                                                                 {"n_neighbors": 60}]
+    assert result.candidates[0].metrics != result.candidates[1].metrics
+    fleet.refresh_from_db()
+    best = result.best.params["lof.n_neighbors"]
+    assert fleet.config["detector_params"] == {"lstm_ae": {"window": 12}, "lof": {"n_neighbors": best}}
+    event = AuditEvent.objects.get(action=AuditAction.FLEET_TUNED, fleet=fleet)
+    assert event.before["detector_params"] == {"lstm_ae": {"window": 12}}
+    assert result.grid_edges() == {"lof.n_neighbors": "lowest" if best == 5 else "highest"}
+
+
 def test_a_failing_candidate_is_kept_with_its_error_and_never_chosen(fleet):
     result = tune_fleet(fleet=fleet, grid={"rolling_window": ["6h", "not-a-window"]}, folds=2)
     ok, broken = result.candidates
@@ -84,6 +102,9 @@ def test_bad_input_is_refused_before_anything_runs(fleet):
              ({"contamination": [0.9]}, "contamination=0.9 is not a valid setting"),
              ({"device_mad_floor": [-0.5]}, "device_mad_floor must be a number from 0 to 100, got -0.5"),
              ({"device_mad_floor": ["half"]}, "device_mad_floor='half' is not a valid setting"),
+             ({"lof.neighbours": [5]}, "'lof.neighbours' is not a detection setting"),
+             ({"lstm_ae.window": [1]}, "lstm_ae.window must be between 2 and 500, got 1"),
+             ({"detector_params": [{}]}, "'detector_params' is not a detection setting"),
              ({}, "non-empty object"),
              ({"contamination": [0.01] * 8, "n_estimators": [10] * 8}, "64 combinations")]
     for grid, message in cases:

@@ -80,13 +80,56 @@ def detector_metadata(name: str) -> dict:
     """What a registered detector is: {name, family, multivariate (False: each column scored as its
     own series, the row gets the largest), needs_training, streaming (scores a row from rows up to
     it only), experimental (tried, but it did not earn a place in the benchmark table: see
-    table_detectors), hyperparameters {name: {default, min, max | choices}}, summary (first
+    table_detectors), hyperparameters {name: {default, min, max | choices}}, settable (the
+    hyperparameters a fleet sets through detector_params: settable_hyperparameters), summary (first
     docstring line)}. Raises DetectorError for an unknown name."""
     if name not in DETECTORS:
         raise DetectorError(f"unknown detector {name!r}; known: {', '.join(sorted(DETECTORS))}")
     cls = DETECTORS[name]
     doc = (cls.__doc__ or "").strip().splitlines()
-    return {"name": name, **{f: getattr(cls, f) for f in METADATA_FIELDS}, "summary": doc[0] if doc else ""}
+    return {"name": name, **{f: getattr(cls, f) for f in METADATA_FIELDS},
+            "settable": sorted(settable_hyperparameters(name)), "summary": doc[0] if doc else ""}
+
+
+def settable_hyperparameters(name: str) -> dict[str, dict]:
+    """{parameter: schema} of the hyperparameters a fleet sets for detector `name` through the
+    detection setting detector_params ({detector: {parameter: value}}): those of its schema that its
+    constructor takes (window, alpha, n_neighbors, ...). The rest of the schema (contamination,
+    spread_floor, ...) are detection settings of their own. Raises DetectorError for an unknown name."""
+    import inspect
+
+    if name not in DETECTORS:
+        raise DetectorError(f"unknown detector {name!r}; known: {', '.join(sorted(DETECTORS))}")
+    cls = DETECTORS[name]
+    taken = {p.name for p in inspect.signature(cls.__init__).parameters.values() if p.kind == p.KEYWORD_ONLY}
+    return {k: v for k, v in cls.hyperparameters.items() if k in taken}
+
+
+def check_hyperparameter(name: str, parameter: str, value):
+    """The value, checked against detector `name`'s schema for `parameter` (range or choices; an
+    integer where the default is one). Raises DetectorError naming the detector, parameter and value."""
+    schema = settable_hyperparameters(name)
+    if parameter not in schema:
+        raise DetectorError(f"{name} has no settable hyperparameter {parameter!r}; settable: "
+                            f"{', '.join(sorted(schema)) or 'none'}")
+    spec, where = schema[parameter], f"{name}.{parameter}"
+    if "choices" in spec:
+        if value not in spec["choices"]:
+            raise DetectorError(f"{where} must be one of {spec['choices']}, got {value!r}")
+        return value
+    integer = isinstance(spec.get("default"), int)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and value != int(value)):
+        raise DetectorError(f"{where} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if not spec.get("min", value) <= value <= spec.get("max", value):
+        raise DetectorError(f"{where} must be between {spec['min']} and {spec['max']}, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def make_detector(name: str, config: "AnomalyDetectorConfig | None" = None, **kwargs) -> "AnomalyDetector":
+    """DETECTORS[name] built with `config` and the hyperparameters config.detector_params gives it
+    (kwargs: feature_domain, domain_weights, ...). Raises KeyError for an unknown name."""
+    config = config or AnomalyDetectorConfig()
+    return DETECTORS[name](config, **config.params_for(name), **kwargs)
 
 
 def table_detectors() -> list[str]:
@@ -133,12 +176,26 @@ class AnomalyDetectorConfig:
     # ((domain or cohort value, weight), ...): business impact; scoring multiplies the anomaly's
     # |z| by it before the severity bands (scoring.severity_from_score). Missing keys weigh 1.
     impact_weights: tuple[tuple[str, float], ...] = ()
+    # ((detector, ((parameter, value), ...)), ...): constructor hyperparameters per detector, from the
+    # detection setting detector_params {detector: {parameter: value}} (settable_hyperparameters);
+    # ensemble members read their own entry. Checked against each detector's schema.
+    detector_params: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = ()
+
+    def params_for(self, name: str) -> dict:
+        """{parameter: value} that detector_params sets for detector `name` ({} when none)."""
+        return dict(next((pairs for detector, pairs in self.detector_params if detector == name), ()))
 
     @classmethod
     def from_mapping(cls, values: dict) -> "AnomalyDetectorConfig":
         known = {k: values[k] for k in cls.__dataclass_fields__ if k in values}
         if "ensemble_members" in known:
             known["ensemble_members"] = tuple(known["ensemble_members"])
+        if "detector_params" in known:
+            given = known["detector_params"]
+            if not isinstance(given, dict) or not all(isinstance(v, dict) for v in given.values()):
+                raise DetectorError("detector_params must be an object of {detector: {parameter: value}}, "
+                                    f"got {given!r}")
+            known["detector_params"] = tuple((str(d), tuple(sorted(p.items()))) for d, p in sorted(given.items()))
         for key in ("ensemble_weights", "impact_weights"):
             if key in known:
                 pairs = known[key].items() if isinstance(known[key], dict) else known[key]
@@ -163,6 +220,9 @@ class AnomalyDetectorConfig:
             raise DetectorError(f"ensemble_smooth must be 'median' or 'mean', got {self.ensemble_smooth!r}")
         if self.spread_floor not in ("mean_ad", "none"):
             raise DetectorError(f"spread_floor must be 'mean_ad' or 'none', got {self.spread_floor!r}")
+        for detector, pairs in self.detector_params:
+            for parameter, value in pairs:
+                check_hyperparameter(detector, parameter, value)
         bad = [k for k, w in (*self.ensemble_weights, *self.impact_weights) if not w >= 0]
         if bad:
             raise DetectorError(f"weights must be non-negative numbers; bad key(s): {', '.join(bad)}")

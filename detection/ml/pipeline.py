@@ -21,7 +21,7 @@ from baselines.engine import (
 )
 
 from . import suite  # (importing it registers the statistical, density and ensemble detectors)
-from .detectors import DETECTORS, SEQUENCE_KEY, AnomalyDetectorConfig, DetectorError
+from .detectors import DETECTORS, SEQUENCE_KEY, AnomalyDetectorConfig, DetectorError, make_detector
 from .features import FeatureConfig, build_features, resid_scales
 from .scoring import ScoreResult, score_frame
 
@@ -222,8 +222,7 @@ def run_core(df: pd.DataFrame, *, metrics: list[str], metric_domain: dict[str, s
                     frame, baselines=None, usable=usable, metrics=metrics, config=config)
                 s.rows = 0
 
-    detector_cls = DETECTORS[config.algorithm]
-    detector = detector_cls(config.detector, feature_domain={**feature_domain, **{
+    detector = make_detector(config.algorithm, config.detector, feature_domain={**feature_domain, **{
         f"{f}_z_{config.z_level}": feature_domain[f] for f in usable}}, domain_weights=config.domain_weights)
     train = training_rows(model_frame)
     with stage("train") as s:

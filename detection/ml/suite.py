@@ -33,7 +33,7 @@ import pandas as pd
 
 from .detectors import (
     DETECTORS, AnomalyDetector, AnomalyDetectorConfig, DetectorError, _robust_center_scale, history_rows,
-    register_detector, sequence_blocks,
+    make_detector, register_detector, sequence_blocks,
 )
 from .features import MEAN_AD_TO_SIGMA, robust_center_scale
 
@@ -147,11 +147,15 @@ class LOFDetector(_MatrixDetector):
     hyperparameters = {"contamination": {"default": 0.03, "min": 0.001, "max": 0.5},
                        "n_neighbors": {"default": 35, "min": 5, "max": 200}}
 
+    def __init__(self, config=None, *, n_neighbors: int | None = None, **kwargs):
+        super().__init__(config, **kwargs)
+        self.n_neighbors = int(n_neighbors or self.N_NEIGHBORS)
+
     def _fit_model(self, X: pd.DataFrame) -> None:
         from sklearn.neighbors import LocalOutlierFactor
 
         sample = self._sample(self._weighted(X), self.FIT_SAMPLE)
-        self.model_ = LocalOutlierFactor(n_neighbors=min(self.N_NEIGHBORS, len(sample) - 1), novelty=True,
+        self.model_ = LocalOutlierFactor(n_neighbors=min(self.n_neighbors, len(sample) - 1), novelty=True,
                                          n_jobs=self.config.n_jobs).fit(sample)
 
     def score_samples(self, X: pd.DataFrame) -> np.ndarray:
@@ -201,8 +205,8 @@ class EnsembleDetector(AnomalyDetector):
         for name in self.member_names:
             started = time.perf_counter()
             try:
-                member = DETECTORS[name](self.config, feature_domain=self.feature_domain,
-                                         domain_weights=self.domain_weights)
+                member = make_detector(name, self.config, feature_domain=self.feature_domain,
+                                       domain_weights=self.domain_weights)
                 if member.uses_temporal:
                     member.fit(X, features, temporal_features=temporal_features)
                 else:
