@@ -7,11 +7,13 @@ the Django-free core in detection.ml.pipeline.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pandas as pd
 from django.conf import settings
 from django.db import transaction
@@ -348,7 +350,23 @@ def _model_metrics(output: PipelineOutput) -> dict:
 
 
 def _jsonable(params: dict) -> dict:
-    return {k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in params.items()}
+    """A detector's params as JSON: dicts, lists and tuples (as lists) kept as structures, numpy
+    scalars as Python numbers, NaN and infinities as None (PostgreSQL's jsonb refuses them),
+    anything else as its str()."""
+    def plain(v):
+        if isinstance(v, np.generic):
+            v = v.item()
+        if isinstance(v, float):
+            return v if math.isfinite(v) else None
+        if isinstance(v, (bool, int, str, type(None))):
+            return v
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return str(v)
+
+    return {str(k): plain(v) for k, v in params.items()}
 
 
 

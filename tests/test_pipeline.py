@@ -215,7 +215,9 @@ def test_the_device_mad_floor_setting_reaches_the_baselines_and_a_bad_value_fail
     assert run.status == RunStatus.FAILED and "device_mad_floor must be a number from 0 to 100, got -1" in run.error
 
 
-def test_a_fleets_detector_params_reach_the_detector_and_its_ensemble_members(fleet):
+def test_a_fleets_detector_params_reach_the_detector_and_its_ensemble_members(fleet, client):
+    from factories import user_with_role
+
     fleet.config = {"algorithm": "ensemble", "ensemble_members": ["robust_z", "lof"],
                     "detector_params": {"lof": {"n_neighbors": 11}, "lstm_ae": {"window": 5}}}
     fleet.save()
@@ -224,6 +226,11 @@ def test_a_fleets_detector_params_reach_the_detector_and_its_ensemble_members(fl
     model = run.model_version
     detector = load_artifact(model.artifact_path, kind="model", checksum=model.artifact_checksum)["detector"]
     assert detector.members_["lof"].n_neighbors == 11 and detector.members_["lof"].model_.n_neighbors_ == 11
+    # The model version records them as JSON, and its page shows the ones this model ran (not lstm_ae's).
+    assert model.params["detector_params"] == [["lof", [["n_neighbors", 11]]], ["lstm_ae", [["window", 5]]]]
+    client.force_login(user_with_role("vera", "viewer"))
+    page = client.get(f"/fleets/{fleet.name}/models/").content.decode()
+    assert "lof: n_neighbors 11" in page and "lstm_ae: window" not in page
     fleet.config = {"algorithm": "lof"}
     fleet.save()
     plain = _run(fleet).model_version
@@ -235,3 +242,16 @@ def test_a_fleets_detector_params_reach_the_detector_and_its_ensemble_members(fl
         fleet.save()
         run = _run(fleet)
         assert run.status == RunStatus.FAILED and message in run.error
+
+
+def test_model_params_are_stored_as_json_structures_without_nan():
+    from detection.services import _jsonable
+
+    class Opaque:
+        def __str__(self):
+            return "opaque"
+
+    params = {"a": float("nan"), "b": (1, np.float64(2.5), float("inf")), "c": {"x": np.int64(3), 4: [True]},
+              "d": Opaque(), "e": "text"}
+    assert _jsonable(params) == {"a": None, "b": [1, 2.5, None], "c": {"x": 3, "4": [True]}, "d": "opaque",
+                                 "e": "text"}

@@ -56,6 +56,19 @@ def percent(value) -> str:
 
 
 @register.filter
+def detector_settings(params: dict | None) -> list[str]:
+    """The hyperparameters a model version's fleet set through detector_params, for the detector it
+    ran and (an ensemble) its members: ["lof: n_neighbors 100", ...]; [] when none were set."""
+    params = params or {}
+    ran = {params.get("algorithm"), *str(params.get("members") or "").split(",")}
+    out = []
+    for entry in params.get("detector_params") or []:
+        if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] in ran:
+            out.append(f"{entry[0]}: " + ", ".join(f"{k} {v}" for k, v in entry[1]))
+    return out
+
+
+@register.filter
 def member_weights(params: dict | None) -> dict | None:
     """An ensemble model version's member weights from its params: {"weights": [(member, weight)],
     "source": "priors" | "precision on N reviewed anomalies"}; None for a model that is not an ensemble."""
