@@ -179,7 +179,7 @@ def _candidates(fleet: Fleet, grid, algorithm: str, base: dict) -> list[Candidat
     known = set(tunable_settings())
     for key, values in grid.items():
         if key not in known:
-            raise TuningError(f"grid setting {key!r} is not a detection setting; tunable: {', '.join(sorted(known))}")
+            raise TuningError(_unknown_setting(key, known))
         if not isinstance(values, list) or not values:
             raise TuningError(f"grid setting {key!r} needs a non-empty list of values, got {values!r}")
     combos = list(itertools.product(*grid.values()))
@@ -196,6 +196,22 @@ def _candidates(fleet: Fleet, grid, algorithm: str, base: dict) -> list[Candidat
             raise TuningError(f"grid point {setting} is not a valid setting: {exc}") from None
         out.append(Candidate(params, config))
     return out
+
+
+def _unknown_setting(key: str, known: set[str]) -> str:
+    """Why a grid key is not tunable, naming what is: the detector or its hyperparameters for a
+    "<detector>.<parameter>" key, the plain settings otherwise."""
+    if "." in key:
+        detector, parameter = key.split(".", 1)
+        if detector not in DETECTORS:
+            return (f"grid setting {key!r} names an unknown detector {detector!r}; known: "
+                    f"{', '.join(sorted(DETECTORS))}")
+        settable = sorted(settable_hyperparameters(detector))
+        return (f"grid setting {key!r}: {detector} has no settable hyperparameter {parameter!r}; settable: "
+                f"{', '.join(settable) or 'none'}")
+    plain = sorted(k for k in known if "." not in k)
+    return (f"grid setting {key!r} is not a detection setting; tunable: {', '.join(plain)}, or a detector's "
+            "hyperparameter as <detector>.<parameter> (e.g. lof.n_neighbors)")
 
 
 def _time_folds(timestamps: pd.Series, folds: int) -> list[tuple[pd.Timestamp, pd.Timestamp]]:
