@@ -495,7 +495,8 @@ class AutoDetector(EnsembleDetector):
         return super().fit(X, features, temporal_features=temporal_features)
 
     def params(self) -> dict:
-        # Flat scalars too: the model version's params JSON keeps scalars as they are (services._jsonable).
+        # Flat scalars too: model versions saved before services._jsonable kept structures hold
+        # "selection" as a string, and the flat keys read the same in old and new ones.
         return {**super().params(), "selection": {"characteristics": self.traits_, "members": list(self.member_names),
                                                   "reason": self.reason_},
                 "selected_members": ",".join(self.member_names), "selection_reason": self.reason_,
