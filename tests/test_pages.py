@@ -291,3 +291,20 @@ def test_login_with_a_wrong_password_says_so(client, django_user_model):
     response = client.post(reverse("login"), {"username": "bob", "password": "wrong"})
     assert response.status_code == 200
     assert b"correct username and password" in response.content
+
+
+def test_production_model_card_shows_members_and_settings_and_trees_only_for_a_forest(user_client):
+    from detection.choices import ModelStatus
+
+    fleet = FleetFactory(name="demo")
+    ModelVersionFactory(fleet=fleet, algorithm="ensemble", status=ModelStatus.PRODUCTION, params={
+        "algorithm": "ensemble", "members": "hybrid,robust_z,lof", "n_estimators": 300, "contamination": 0.03,
+        "detector_params": [["lof", [["n_neighbors", 100]]], ["lstm_ae", [["window", 60]]]]})
+    page = text(user_client.get("/fleets/demo/"))
+    assert "Membershybrid · robust_z · lof" in page.replace("\n", "")
+    assert "lof: n_neighbors 100" in page and "lstm_ae" not in page and "Trees" in page
+    other = FleetFactory(name="plain")
+    ModelVersionFactory(fleet=other, algorithm="robust_z", status=ModelStatus.PRODUCTION,
+                        params={"algorithm": "robust_z", "n_estimators": 300, "contamination": 0.01})
+    page = text(user_client.get("/fleets/plain/"))
+    assert "Trees" not in page and "Members" not in page and "Settings" not in page and "0.01" in page

@@ -56,6 +56,20 @@ def percent(value) -> str:
 
 
 @register.filter
+def model_members(params: dict | None) -> list[str]:
+    """An ensemble (or auto) model version's members from its params, in order; [] for one detector."""
+    return [m for m in str((params or {}).get("members") or "").split(",") if m]
+
+
+@register.filter
+def grows_trees(params: dict | None) -> bool:
+    """Whether the model (or one of its ensemble members) is an Isolation Forest, so that its tree
+    count (n_estimators) means something."""
+    params = params or {}
+    return bool({"isolation_forest", "hybrid"} & {params.get("algorithm"), *model_members(params)})
+
+
+@register.filter
 def detector_settings(params: dict | None) -> list[str]:
     """The hyperparameters a model version's fleet set through detector_params, for the detector it
     ran and (an ensemble) its members: ["lof: n_neighbors 100", ...]; [] when none were set."""
