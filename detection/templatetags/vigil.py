@@ -62,11 +62,12 @@ def model_members(params: dict | None) -> list[str]:
 
 
 @register.filter
-def grows_trees(params: dict | None) -> bool:
-    """Whether the model (or one of its ensemble members) is an Isolation Forest, so that its tree
-    count (n_estimators) means something."""
+def grows_trees(params: dict | None, algorithm: str = "") -> bool:
+    """Whether the model (`algorithm`, the model version's own field, or params' "algorithm") or one
+    of its ensemble members is an Isolation Forest, so that its tree count (n_estimators) means
+    something: {{ model.params|grows_trees:model.algorithm }}."""
     params = params or {}
-    return bool({"isolation_forest", "hybrid"} & {params.get("algorithm"), *model_members(params)})
+    return bool({"isolation_forest", "hybrid"} & {algorithm, params.get("algorithm"), *model_members(params)})
 
 
 @register.filter
