@@ -46,6 +46,10 @@ def browser():
     if not shutil.which(CHROMIUM):
         # On CI a missing browser is a failure, not a skip (DEVELOPERS.md).
         (pytest.fail if os.environ.get("CI") else pytest.skip)(f"{CHROMIUM} is missing (apt-get install -y chromium)")
+    # Playwright's expect() waits 5 s by default; on a loaded 2-core CI machine a page's htmx swap or
+    # websocket push has taken longer (a slow wait fails the whole landing), so every expectation
+    # waits up to 15 s. A passing expectation returns as soon as it holds, so runs are no slower.
+    sync_api.expect.set_options(timeout=15_000)
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser

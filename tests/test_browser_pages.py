@@ -88,7 +88,7 @@ def test_user_logs_in_and_browses_fleets_runs_and_anomalies(live_server, browser
 
     # The running row polls its fragment; once the run finishes the fragment answers 286 and shows the result.
     PipelineRun.objects.filter(pk=running.pk).update(status=RunStatus.SUCCEEDED, stage=RunStage.DONE)
-    expect(page.locator(f"#run-{running.pk} .badge")).to_have_text("Succeeded", timeout=8000)
+    expect(page.locator(f"#run-{running.pk} .badge")).to_have_text("Succeeded", timeout=20_000)
     expect(page.locator(f"#run-{running.pk}")).not_to_have_attribute("hx-trigger", "every 2s")
 
     page.goto(f"{live_server.url}/fleets/demo/anomalies/?run={scored.pk}")

@@ -90,5 +90,5 @@ def test_panel_polls_until_a_worker_finishes(live_server, browser, scored_run, m
 
     pending = Explanation.objects.get(anomaly=anomaly, status="pending")
     explanation_execute(explanation_id=pending.pk)  # the "worker"
-    expect(panel.locator(".badge")).to_have_text("Validated", timeout=8000)
+    expect(panel.locator(".badge")).to_have_text("Validated", timeout=20_000)
     expect(panel).not_to_have_attribute("hx-trigger", "every 2s")

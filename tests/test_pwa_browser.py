@@ -83,7 +83,7 @@ def _login(context, url: str, username: str, password: str):
 
 def _socket_open(page) -> None:
     """Wait until the page's htmx websocket is connected (pushes before that are not replayed)."""
-    page.wait_for_function("window.__wsOpen === true", timeout=10_000)
+    page.wait_for_function("window.__wsOpen === true", timeout=20_000)
 
 
 WS_SPY = "document.addEventListener('htmx:wsOpen', function () { window.__wsOpen = true; });"
@@ -208,7 +208,7 @@ def test_verdict_given_offline_is_synced_exactly_once(asgi_url, browser, review_
     expect(page.locator("#offline-status")).to_contain_text("1 verdict saved on this device")
 
     context.set_offline(False)
-    expect(page.locator("#offline-status")).to_contain_text("1 verdict synced", timeout=10_000)
+    expect(page.locator("#offline-status")).to_contain_text("1 verdict synced", timeout=20_000)
     expect(page.locator("#feedback .feedback-list")).to_contain_text("rita")
     page.evaluate("window.vigilOffline.sync()")  # a second flush finds nothing left to send
     page.reload()
@@ -236,7 +236,7 @@ def test_second_session_sees_a_verdict_arrive_live(asgi_url, browser, review_fle
     reviewer.goto(f"{asgi_url}/anomalies/{anomaly.pk}/")
     reviewer.keyboard.press("t")
     expect(reviewer.locator("#feedback .feedback-list")).to_contain_text("rita")
-    expect(watcher.locator("#feedback .verdict-counts")).to_contain_text("True positive · 1", timeout=10_000)
+    expect(watcher.locator("#feedback .verdict-counts")).to_contain_text("True positive · 1", timeout=20_000)
     expect(watcher.locator("#feedback .feedback-list")).to_contain_text("rita")
     assert watcher.evaluate("window.__samePage") is True  # swapped in, not reloaded
     assert watcher.locator("#feedback form").count() == 0  # rendered for the viewer, who cannot review
