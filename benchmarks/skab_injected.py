@@ -38,6 +38,14 @@ sys.path.insert(0, str(REPO))
 FAULTS = {"vibration": ["accelerometer1_rms", "accelerometer2_rms"], "current": ["current"],
           "pressure": ["pressure"], "flow": ["volume_flow_rate_rms"], "thermocouple": ["thermocouple"]}
 LENGTH, TRAIN, FAULT = 1150, 400, (600, 900)
+FRAME_COLUMNS = ["device_id", "external_id", "manufacturer", "model", "os_version", "store", "customer", "timestamp"]
+WINDOW_COLUMNS = ["device_id", "external_id", "start", "end", "kind", "metric"]
+
+
+def _shaped(frame: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """frame in load_telemetry_frame's shape: its columns in order, rows by device then time."""
+    return frame[[*FRAME_COLUMNS, *metrics]].sort_values(["device_id", "timestamp"], kind="stable").reset_index(
+        drop=True)
 
 
 def pseudo_experiments(path: Path, faults: list[str], step: float):
@@ -64,11 +72,8 @@ def pseudo_experiments(path: Path, faults: list[str], step: float):
                              **{c: attrs.get(c, "") for c in ("manufacturer", "model", "os_version", "store",
                                                                "customer")})
         frames.append(frame)
-    frame = pd.concat(frames, ignore_index=True)
-    frame = frame[["device_id", "external_id", "manufacturer", "model", "os_version", "store", "customer",
-                   "timestamp", *metrics]].sort_values(["device_id", "timestamp"], kind="stable").reset_index(drop=True)
-    windows = pd.DataFrame(windows, columns=["device_id", "external_id", "start", "end", "kind", "metric"])
-    return frame, windows, metrics, list(batch.cohort_columns)
+    windows = pd.DataFrame(windows, columns=WINDOW_COLUMNS)
+    return _shaped(pd.concat(frames, ignore_index=True), metrics), windows, metrics, list(batch.cohort_columns)
 
 
 def valve1_experiments(path: Path):
@@ -83,11 +88,9 @@ def valve1_experiments(path: Path):
     metrics = [m["name"] for m in batch.metric_schema]
     frame = telemetry.assign(device_id=telemetry["external_id"].map(ids), manufacturer="SKAB", model="valve1",
                              os_version="", store="", customer="")
-    frame = frame[["device_id", "external_id", "manufacturer", "model", "os_version", "store", "customer",
-                   "timestamp", *metrics]].sort_values(["device_id", "timestamp"], kind="stable")
     windows = batch.labels[batch.labels["external_id"].isin(ids)].assign(
         device_id=lambda d: d["external_id"].map(ids))
-    return frame.reset_index(drop=True), windows[["device_id", "external_id", "start", "end", "kind", "metric"]]
+    return _shaped(frame, metrics), windows[WINDOW_COLUMNS]
 
 
 def pooled_with_valve1(path: Path, fault: list[str], step: float, detectors: list[str], one_folder: bool,
@@ -118,9 +121,8 @@ def pooled_with_valve1(path: Path, fault: list[str], step: float, detectors: lis
             valve = out.scored["external_id"].str.startswith("valve1/").to_numpy()
             for name, rows in (("valve1", valve), ("pseudo", ~valve)):
                 if rows.any():
-                    m = binary_metrics(truth[rows], flagged[rows])
-                    f1 = f"{m.f1:.3f}" if truth[rows].any() else "-"
-                    mar = f"{m.mar:.1f}" if truth[rows].any() else "-"
+                    m, faulty = binary_metrics(truth[rows], flagged[rows]), truth[rows].any()
+                    f1, mar = (f"{m.f1:.3f}", f"{m.mar:.1f}") if faulty else ("-", "-")
                     print(f"{detector:<10} {model:<8} {name:<8} {f1:>6} {m.far:>6.1f} {mar:>6}", flush=True)
 
 

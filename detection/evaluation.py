@@ -152,6 +152,7 @@ def evaluate_skab(*, path: Path | str, predictions_dir: Path | str | None = None
     if not labelled:
         raise EvaluationError(f"no labelled SKAB file (with an 'anomaly' column) under {path}")
     devices = batch.devices[batch.devices["external_id"].isin(labelled)].reset_index(drop=True)
+    several = devices["model"].nunique() > 1  # then each warning names its folder
     parts, runs, warnings, timings, fleet_config = [], [], [], {}, {}
     for folder, members in devices.groupby("model", sort=True):
         ids = set(members["external_id"])
@@ -166,7 +167,7 @@ def evaluate_skab(*, path: Path | str, predictions_dir: Path | str | None = None
             scored = _scored_rows(run)
             parts.append((scored, in_windows(scored, load_ground_truth(fleet))))
             runs.append(run.id)
-            warnings += [f"{folder}: {w}" if len(set(devices["model"])) > 1 else w for w in run.warnings]
+            warnings += [f"{folder}: {w}" if several else w for w in run.warnings]
             for stage, seconds in (run.stage_timings or {}).items():
                 timings[stage] = round(timings.get(stage, 0.0) + seconds, 3)
             fleet_config = fleet.detection_config()

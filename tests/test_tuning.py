@@ -105,6 +105,7 @@ def test_bad_input_is_refused_before_anything_runs(fleet):
              ({"lof.neighbours": [5]}, "lof has no settable hyperparameter 'neighbours'; settable: n_neighbors"),
              ({"lstm.window": [5]}, "'lstm.window' names an unknown detector 'lstm'"),
              ({"lstm_ae.window": [1]}, "lstm_ae.window must be between 2 and 500, got 1"),
+             ({"lof.n_neighbors": [float("inf")]}, "lof.n_neighbors must be an integer, got inf"),
              ({"detector_params": [{}]}, "'detector_params' is not a detection setting"),
              ({}, "non-empty object"),
              ({"contamination": [0.01] * 8, "n_estimators": [10] * 8}, "64 combinations")]

@@ -83,12 +83,17 @@ def detector_metadata(name: str) -> dict:
     table_detectors), hyperparameters {name: {default, min, max | choices}}, settable (the
     hyperparameters a fleet sets through detector_params: settable_hyperparameters), summary (first
     docstring line)}. Raises DetectorError for an unknown name."""
-    if name not in DETECTORS:
-        raise DetectorError(f"unknown detector {name!r}; known: {', '.join(sorted(DETECTORS))}")
-    cls = DETECTORS[name]
+    cls = _registered(name)
     doc = (cls.__doc__ or "").strip().splitlines()
     return {"name": name, **{f: getattr(cls, f) for f in METADATA_FIELDS},
             "settable": sorted(settable_hyperparameters(name)), "summary": doc[0] if doc else ""}
+
+
+def _registered(name: str) -> type["AnomalyDetector"]:
+    """DETECTORS[name]; DetectorError naming the known detectors for an unknown name."""
+    if name not in DETECTORS:
+        raise DetectorError(f"unknown detector {name!r}; known: {', '.join(sorted(DETECTORS))}")
+    return DETECTORS[name]
 
 
 def settable_hyperparameters(name: str) -> dict[str, dict]:
@@ -98,9 +103,7 @@ def settable_hyperparameters(name: str) -> dict[str, dict]:
     spread_floor, ...) are detection settings of their own. Raises DetectorError for an unknown name."""
     import inspect
 
-    if name not in DETECTORS:
-        raise DetectorError(f"unknown detector {name!r}; known: {', '.join(sorted(DETECTORS))}")
-    cls = DETECTORS[name]
+    cls = _registered(name)
     taken = {p.name for p in inspect.signature(cls.__init__).parameters.values() if p.kind == p.KEYWORD_ONLY}
     return {k: v for k, v in cls.hyperparameters.items() if k in taken}
 
@@ -118,7 +121,8 @@ def check_hyperparameter(name: str, parameter: str, value):
             raise DetectorError(f"{where} must be one of {spec['choices']}, got {value!r}")
         return value
     integer = isinstance(spec.get("default"), int)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and value != int(value)):
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value)
+            or (integer and value != int(value))):
         raise DetectorError(f"{where} must be {'an integer' if integer else 'a number'}, got {value!r}")
     if not spec.get("min", value) <= value <= spec.get("max", value):
         raise DetectorError(f"{where} must be between {spec['min']} and {spec['max']}, got {value!r}")

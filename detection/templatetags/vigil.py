@@ -75,7 +75,7 @@ def detector_settings(params: dict | None) -> list[str]:
     """The hyperparameters a model version's fleet set through detector_params, for the detector it
     ran and (an ensemble) its members: ["lof: n_neighbors 100", ...]; [] when none were set."""
     params = params or {}
-    ran = {params.get("algorithm"), *str(params.get("members") or "").split(",")}
+    ran = {params.get("algorithm"), *model_members(params)}
     out = []
     for entry in params.get("detector_params") or []:
         if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] in ran:
