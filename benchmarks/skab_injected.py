@@ -15,8 +15,15 @@ rate of SKAB's settings on normal running of the same rig.
     python benchmarks/skab_injected.py ../shared/data/skab --pooled-with-valve1 vibration --detector ensemble
     python benchmarks/skab_injected.py ../shared/data/skab --pooled-with-valve1 vibration --detector ensemble \
         --one-folder --set device_mad_floor=0.1
+    python benchmarks/skab_injected.py ../shared/data/skab --mixed-folder /tmp/skabmix [--experiments 2]
+    python manage.py evaluate skab /tmp/skabmix --detector ensemble
 
-Writes one line per (fault, detector, spread_floor). Takes about a minute on 2 cores. With
+With --mixed-folder DIR it writes a SKAB tree at DIR whose valve1 folder also holds the first N
+pseudo-experiments (one folder at two operating points), runs `evaluate skab` on it with one model per
+operating regime and with one model for the folder, and prints valve1's rows, the pseudo-experiments'
+rows and all rows of each.
+
+Otherwise it writes one line per (fault, detector, spread_floor). Takes about a minute on 2 cores. With
 --pooled-with-valve1 FAULT it instead trains one model on valve1's 16 files and the pseudo-experiments
 (with FAULT injected) together, and reports each one's rows against a model of its own; the
 anomaly-free recording runs at a flow near 122 where valve1's is near 32, as another experiment
@@ -126,6 +133,58 @@ def pooled_with_valve1(path: Path, fault: list[str], step: float, detectors: lis
                     print(f"{detector:<10} {model:<8} {name:<8} {f1:>6} {m.far:>6.1f} {mar:>6}", flush=True)
 
 
+def write_mixed_folder(path: Path, target: Path, fault: list[str], step: float, experiments: int) -> None:
+    """A SKAB tree at target whose one folder (data/valve1) holds valve1's 16 files (links) and the
+    first `experiments` pseudo-experiments with `fault` injected, written as SKAB files (';'-separated,
+    SKAB's column names, anomaly 1 inside the fault): one folder at two operating points."""
+    from detection.ingest.readers import SKAB_SENSORS
+    from detection.ingest.base import metric_identifier
+
+    folder = target / "data" / "valve1"
+    if folder.exists() and any(folder.iterdir()):
+        raise SystemExit(f"{folder} is not empty")
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = sorted((path / "data" / "valve1").glob("*.csv")) or sorted(path.glob("**/valve1/*.csv"))
+    if not sources:
+        raise SystemExit(f"no valve1 files under {path}")
+    for source in sources:
+        (folder / source.name).symlink_to(source.resolve())
+    frame, windows, _, _ = pseudo_experiments(path, fault, step)
+    names = {metric_identifier(source): source for source in SKAB_SENSORS}
+    for i, (external_id, rows) in enumerate(frame.groupby("external_id", sort=False)):
+        if i == experiments:
+            break
+        out = rows.rename(columns=names)[list(SKAB_SENSORS)]
+        out.insert(0, "datetime", rows["timestamp"].dt.strftime("%Y-%m-%d %H:%M:%S"))
+        mine = windows[windows["external_id"] == external_id]
+        inside = np.zeros(len(rows), dtype=bool)
+        for start, end in zip(mine["start"], mine["end"]):
+            inside |= ((rows["timestamp"] >= start) & (rows["timestamp"] <= end)).to_numpy()
+        out["anomaly"], out["changepoint"] = inside.astype(float), 0.0
+        out.to_csv(folder / f"pseudo{i}.csv", sep=";", index=False)
+    written = len(list(folder.glob("pseudo*.csv")))
+    print(f"wrote {len(sources)} valve1 links and {written} pseudo-experiments ({'+'.join(fault) or 'no fault'}, "
+          f"{step:g} sigma) to {folder}")
+
+
+def evaluate_mixed_folder(target: Path, detector: str) -> None:
+    """`evaluate skab` on write_mixed_folder's tree with and without the split by operating regime."""
+    from detection.evaluation import evaluate_skab
+    from detection.ml.evaluation import BinaryMetrics
+
+    print(f"{'models':<28} {'rows of':<8} {'F1':>6} {'FAR %':>6} {'MAR %':>6}")
+    for split in (False, True):
+        result = evaluate_skab(path=target, config={"algorithm": detector}, regimes=split)
+        models = "; ".join(f"{m['name']} ({m['files']})" for m in result.models)
+        for name, mine in (("valve1", lambda k: "pseudo" not in k), ("pseudo", lambda k: "pseudo" in k),
+                           ("all", lambda k: True)):
+            m = BinaryMetrics(**{x: sum(f[x] for k, f in result.per_file.items() if mine(k))
+                                 for x in ("tp", "fp", "fn", "tn")})
+            print(f"{'per regime' if split else 'one per folder':<28} {name:<8} {m.f1:>6.3f} {m.far:>6.1f} "
+                  f"{m.mar:>6.1f}", flush=True)
+        print(f"  models: {models}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", help="the SKAB folder (it must hold anomaly-free.csv)")
@@ -136,6 +195,12 @@ def main() -> None:
                              "against each alone")
     parser.add_argument("--one-folder", action="store_true",
                         help="with --pooled-with-valve1: the pseudo-experiments join valve1's folder (cohort)")
+    parser.add_argument("--mixed-folder", metavar="DIR", type=Path,
+                        help="instead: write a SKAB tree at DIR whose valve1 folder also holds the pseudo-experiments "
+                             "(with --fault injected), for `manage.py evaluate skab DIR`")
+    parser.add_argument("--fault", choices=list(FAULTS), default="vibration", help="with --mixed-folder")
+    parser.add_argument("--experiments", type=int, default=8,
+                        help="with --mixed-folder: how many pseudo-experiments join valve1's folder (1-8)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="with --pooled-with-valve1: override a setting of SKAB's fleet config")
     args = parser.parse_args()
@@ -153,6 +218,12 @@ def main() -> None:
     if not path.is_dir():
         parser.error(f"{path} is not a folder")
     detectors = args.detector or ["ensemble", "auto"]
+    if args.mixed_folder:
+        if not 1 <= args.experiments <= 8:
+            parser.error(f"--experiments must be from 1 to 8, got {args.experiments}")
+        write_mixed_folder(path, args.mixed_folder, [args.fault], args.step, args.experiments)
+        evaluate_mixed_folder(args.mixed_folder, (args.detector or ["ensemble"])[0])
+        return
     if args.pooled_with_valve1:
         import json
 

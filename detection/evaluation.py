@@ -30,7 +30,14 @@ from django.utils import timezone
 from .choices import RunStatus, Trigger
 from .ingest.loader import ingest_batch, load_ground_truth, load_telemetry_frame
 from .ingest.readers import CMAPSS_EPOCH, read_cmapss, read_nab, read_skab
-from .ml.evaluation import BinaryMetrics, EarlyWarning, binary_metrics, early_warning, in_windows
+from .ml.evaluation import (
+    BinaryMetrics,
+    EarlyWarning,
+    binary_metrics,
+    early_warning,
+    in_windows,
+    operating_regimes,
+)
 from .ml.nab import (
     ORDER_RATIO_RANKS,
     NabError,
@@ -118,29 +125,35 @@ class EvaluationResult:
     detector: str = ""
     # Seconds per pipeline stage (features, baselines, train, score, persist), summed over the runs.
     timings: dict[str, float] = field(default_factory=dict)
-    # Every pipeline run behind the figures (SKAB: one per experiment folder); run_id is the first.
+    # Every pipeline run behind the figures (SKAB: one per experiment folder and operating regime);
+    # run_id is the first.
     run_ids: list[int] = field(default_factory=list)
+    # SKAB: one entry per model, {"name": "valve1" or "other regime 1 of 2", "files": n, "run_id": id}.
+    models: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {"dataset": self.dataset, "detector": self.detector, **self.metrics.as_dict(), "files": self.files,
                 "scored_rows": self.scored_rows, "run_id": self.run_id,
-                "run_ids": self.run_ids or [self.run_id], "seconds": round(self.seconds, 2),
+                "run_ids": self.run_ids or [self.run_id], "models": self.models, "seconds": round(self.seconds, 2),
                 "timings": self.timings, "config": self.config, "per_file": self.per_file,
                 "warnings": self.warnings}
 
 
 def evaluate_skab(*, path: Path | str, predictions_dir: Path | str | None = None, keep: bool = False,
-                  config: dict | None = None, progress=None) -> EvaluationResult:
+                  config: dict | None = None, progress=None, regimes: bool = True) -> EvaluationResult:
     """Run SKAB's protocol on every labelled SKAB file under `path`.
 
-    One model per experiment folder (valve1, valve2, other; the reader's cohort): each folder's files
-    are one scratch fleet and one pipeline run, trained on the first SKAB_TRAIN_ROWS rows of each of
-    its files; the figures are pooled over every scored row of every folder. SKAB's own baselines
-    train one model per file; one per folder keeps that separation between experiment series (the rig
+    One model per experiment folder (valve1, valve2, other; the reader's cohort) and operating regime:
+    each folder's files are split into groups that run at one operating point
+    (ml.evaluation.operating_regimes on their first SKAB_TRAIN_ROWS rows; valve1's 16 files are one),
+    and each group is one scratch fleet and one pipeline run, trained on the first SKAB_TRAIN_ROWS
+    rows of each of its files (regimes=False: one model per folder, as before session 8); the figures
+    are pooled over every scored row of every group. SKAB's own baselines train one model per file; one per folder keeps that separation between experiment series (the rig
     runs at other flows in other series) while each model still learns from many files. Measured on
     valve1 (README, SKAB): one model per file F1 0.827 / FAR 21.0 %, one for the folder 0.869 / 3.8 %;
     pooled into one model with the anomaly-free recording's series (flow near 122 where valve1's is
-    near 32), valve1's own rows went to 0.851 / 14.6 %.
+    near 32), valve1's own rows went to 0.851 / 14.6 %; in valve1's folder with it, 0.574 / 3.4 % in
+    one model and 0.869 / 3.8 % with one model per regime (benchmarks/skab_injected.py --mixed-folder).
     Files without an `anomaly` column (anomaly-free.csv) are not scored. With predictions_dir,
     one CSV per file (datetime, anomaly 0/1) is written there. Returns the pooled figures (run_id: the
     first folder's run; run_ids: every folder's). Raises EvaluationError (and
@@ -152,9 +165,10 @@ def evaluate_skab(*, path: Path | str, predictions_dir: Path | str | None = None
     if not labelled:
         raise EvaluationError(f"no labelled SKAB file (with an 'anomaly' column) under {path}")
     devices = batch.devices[batch.devices["external_id"].isin(labelled)].reset_index(drop=True)
-    several = devices["model"].nunique() > 1  # then each warning names its folder
-    parts, runs, warnings, timings, fleet_config = [], [], [], {}, {}
-    for folder, members in devices.groupby("model", sort=True):
+    groups = _model_groups(devices, batch.telemetry, [m["name"] for m in batch.metric_schema] if regimes else [])
+    several = len(groups) > 1  # then each warning names its group
+    parts, runs, warnings, timings, fleet_config, models = [], [], [], {}, {}, []
+    for name, members in groups:
         ids = set(members["external_id"])
         part = replace(batch, devices=members.reset_index(drop=True),
                        telemetry=batch.telemetry[batch.telemetry["external_id"].isin(ids)].reset_index(
@@ -167,7 +181,8 @@ def evaluate_skab(*, path: Path | str, predictions_dir: Path | str | None = None
             scored = _scored_rows(run)
             parts.append((scored, in_windows(scored, load_ground_truth(fleet))))
             runs.append(run.id)
-            warnings += [f"{folder}: {w}" if several else w for w in run.warnings]
+            models.append({"name": name, "files": len(ids), "run_id": run.id})
+            warnings += [f"{name}: {w}" if several else w for w in run.warnings]
             for stage, seconds in (run.stage_timings or {}).items():
                 timings[stage] = round(timings.get(stage, 0.0) + seconds, 3)
             fleet_config = fleet.detection_config()
@@ -183,7 +198,23 @@ def evaluate_skab(*, path: Path | str, predictions_dir: Path | str | None = None
         _write_predictions(Path(predictions_dir), scored, predicted)
     return EvaluationResult("skab", binary_metrics(truth, predicted), len(per_file), len(scored), runs[0],
                             time.perf_counter() - started, fleet_config, per_file, warnings,
-                            fleet_config["algorithm"], timings, run_ids=runs)
+                            fleet_config["algorithm"], timings, run_ids=runs, models=models)
+
+
+def _model_groups(devices: pd.DataFrame, telemetry: pd.DataFrame, metrics: list[str]) -> list[tuple[str, pd.DataFrame]]:
+    """[(name, devices)] of each model: a folder's files, or each operating regime of them
+    (ml.evaluation.operating_regimes on the training rows of `metrics`; none: one group per folder),
+    named "valve1" or "other regime 2 of 3" (numbered within the folder, in file order)."""
+    groups = []
+    for folder, members in devices.groupby("model", sort=True):
+        rows = telemetry[telemetry["external_id"].isin(set(members["external_id"]))]
+        regime = members["external_id"].map(operating_regimes(rows, metrics, train_rows=SKAB_TRAIN_ROWS)) \
+            if metrics else pd.Series(0, index=members.index)
+        split = list(members.groupby(regime.to_numpy(), sort=True))
+        for i, (_, part) in enumerate(split, start=1):
+            groups.append((folder if len(split) == 1 else f"{folder} regime {i} of {len(split)}",
+                           part.reset_index(drop=True)))
+    return groups
 
 
 def _write_predictions(folder: Path, scored: pd.DataFrame, predicted) -> None:

@@ -7,7 +7,7 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from detection.evaluation import evaluate_nab, evaluate_skab
-from detection.ml.evaluation import binary_metrics, early_warning, in_windows
+from detection.ml.evaluation import binary_metrics, early_warning, in_windows, operating_regimes
 from detection.models import Fleet
 
 
@@ -282,6 +282,75 @@ def test_skab_trains_one_model_per_experiment_folder(shared_data, tmp_path, caps
     assert not Fleet.objects.exists()
     call_command("evaluate", "skab", str(both.parent), "--detector", "ensemble")
     assert "one model per folder (2: valve1, valve2)" in capsys.readouterr().out
+
+
+def _series(key, level, noise, n=50, seed=0):
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"external_id": key, "a": level + noise * rng.standard_normal(n),
+                         "b": 0.05 + 0.2 * rng.standard_normal(n)})
+
+
+def test_operating_regimes_by_hand():
+    """Levels 10 and 30 (a factor 3, far beyond the noise) are two regimes; 10 and 12 are one (a
+    factor 1.2); a chain 10 ~ 12 ~ 14 stays one; the near-zero column b never splits (its gaps are
+    tiny against its noise); only the first train_rows rows count."""
+    frame = pd.concat([_series("x", 10, 0.1), _series("y", 12, 0.1, seed=1), _series("z", 30, 0.1, seed=2)])
+    assert operating_regimes(frame, ["a", "b"], train_rows=50) == {"x": 0, "y": 0, "z": 1}
+    assert operating_regimes(frame, ["b"], train_rows=50) == {"x": 0, "y": 0, "z": 0}
+    chain = pd.concat([_series("p", 10, 0.01), _series("q", 14.5, 0.01, seed=1), _series("r", 21, 0.01, seed=2)])
+    # p-r differ by a factor 2.1, but q links them: p ~ q (1.45) and q ~ r (1.45).
+    assert operating_regimes(chain, ["a"], train_rows=50) == {"p": 0, "q": 0, "r": 0}
+    # Noisy series: a factor 3 that is under 20 mean absolute deviations is no new regime.
+    assert operating_regimes(pd.concat([_series("x", 10, 2.0), _series("z", 30, 2.0, seed=2)]), ["a"],
+                             train_rows=50) == {"x": 0, "z": 0}
+    # z starts at 30 and settles at 10 after its training rows: only its first 20 rows count.
+    late = pd.concat([_series("x", 10, 0.1), _series("z", 30, 0.1, n=20), _series("z", 10, 0.1, n=500)])
+    assert operating_regimes(late, ["a"], train_rows=20) == {"x": 0, "z": 1}
+    assert operating_regimes(late, ["a"], train_rows=520) == {"x": 0, "z": 0}
+    with pytest.raises(ValueError, match="ratio > 1"):
+        operating_regimes(frame, ["a"], train_rows=50, ratio=1.0)
+
+
+def test_operating_regimes_on_skab(shared_data):
+    """valve1's 16 files are one regime (water temperature 66-79 degC across them); the rig's
+    anomaly-free recording (flow near 122 against 32, vibration 8 times valve1's) is another."""
+    from detection.ingest.readers import read_skab
+
+    batch = read_skab(shared_data / "skab")
+    regimes = operating_regimes(batch.telemetry, [m["name"] for m in batch.metric_schema], train_rows=400)
+    assert {k: v for k, v in regimes.items() if k.startswith("valve1/")} == {f"valve1/{i}": 1 for i in range(16)}
+    assert regimes["anomaly-free/anomaly-free"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.django_db
+def test_skab_splits_a_folder_by_operating_regime(shared_data, tmp_path, capsys):
+    """A file run at another operating point (valve1/2 with 3.8 times the flow, 8 times the vibration
+    and 2.5 times the current, as the anomaly-free recording has) in valve1's folder gets a model of
+    its own, and valve1's other files score exactly as they do without it."""
+    valve1 = shared_data / "skab" / "data" / "valve1"
+    mixed, alone = tmp_path / "mixed" / "valve1", tmp_path / "alone" / "valve1"
+    for folder in (mixed, alone):
+        folder.mkdir(parents=True)
+        for k in (1, 7):
+            (folder / f"{k}.csv").write_bytes((valve1 / f"{k}.csv").read_bytes())
+    other = pd.read_csv(valve1 / "2.csv", sep=";")
+    for column, factor in (("Volume Flow RateRMS", 3.8), ("Accelerometer1RMS", 8), ("Accelerometer2RMS", 8),
+                           ("Current", 2.5)):
+        other[column] *= factor
+    other.to_csv(mixed / "2.csv", sep=";", index=False)
+    config = {"algorithm": "ensemble"}
+    split = evaluate_skab(path=mixed.parent, config=config)
+    single = evaluate_skab(path=alone.parent, config=config)
+    assert [(m["name"], m["files"]) for m in split.models] == [("valve1 regime 1 of 2", 2),
+                                                               ("valve1 regime 2 of 2", 1)]
+    assert len(split.run_ids) == 2 and split.files == 3
+    for name in ("valve1/1", "valve1/7"):
+        assert split.per_file[name] == single.per_file[name]
+    assert split.metrics.tp == sum(f["tp"] for f in split.per_file.values())
+    call_command("evaluate", "skab", str(mixed.parent), "--detector", "ensemble")
+    assert "one model per folder and operating regime (2: valve1 regime 1 of 2, 2 files; valve1 regime 2 of 2, " \
+           "1 files)" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -225,8 +225,14 @@ def _natural(name: str):
 
 
 def _models(result) -> str:
-    """'one model' or 'one model per folder (3: other, valve1, valve2)' from the per-file names."""
-    folders = sorted({name.split("/", 1)[0] for name in result.per_file})
-    if len(folders) == 1:
+    """'one model', 'one model per folder (3: other, valve1, valve2)' or, when a folder's files run
+    at several operating points, 'one model per folder and operating regime (3: other regime 1 of 2,
+    9 files; ...)'."""
+    models = result.models or [{"name": name.split("/", 1)[0]} for name in result.per_file]
+    names = list(dict.fromkeys(m["name"] for m in models))
+    if len(names) == 1:
         return "one model"
-    return f"one model per folder ({len(folders)}: {', '.join(folders)})"
+    if not any(" regime " in n for n in names):
+        return f"one model per folder ({len(names)}: {', '.join(sorted(names))})"
+    listed = "; ".join(f"{m['name']}, {m['files']} files" for m in models)
+    return f"one model per folder and operating regime ({len(models)}: {listed})"
