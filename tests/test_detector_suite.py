@@ -414,6 +414,10 @@ def test_settable_hyperparameters_are_the_schema_entries_each_constructor_takes(
                                                                      "windowed_gaussian": {"window": 50}}})
     assert make_detector("grubbs", config).alpha == 0.01 and make_detector("windowed_gaussian", config).window == 50
     assert make_detector("grubbs").alpha == 0.05  # no params: the default
+    # The config keeps the checked value: an integer parameter written 60.0 is recorded as 60.
+    written = AnomalyDetectorConfig.from_mapping({"detector_params": {"windowed_gaussian": {"window": 60.0}}})
+    assert written.detector_params == (("windowed_gaussian", (("window", 60),)),)
+    assert type(written.params_for("windowed_gaussian")["window"]) is int
     assert check_hyperparameter("forecast", "trend", True) is True
     with pytest.raises(DetectorError, match="forecast.trend must be one of"):
         check_hyperparameter("forecast", "trend", "yes")

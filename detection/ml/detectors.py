@@ -224,9 +224,11 @@ class AnomalyDetectorConfig:
             raise DetectorError(f"ensemble_smooth must be 'median' or 'mean', got {self.ensemble_smooth!r}")
         if self.spread_floor not in ("mean_ad", "none"):
             raise DetectorError(f"spread_floor must be 'mean_ad' or 'none', got {self.spread_floor!r}")
-        for detector, pairs in self.detector_params:
-            for parameter, value in pairs:
-                check_hyperparameter(detector, parameter, value)
+        # Keep the checked values (an integer parameter given as 60.0 is 60), which model versions record.
+        checked = tuple((detector, tuple((parameter, check_hyperparameter(detector, parameter, value))
+                                         for parameter, value in pairs))
+                        for detector, pairs in self.detector_params)
+        object.__setattr__(self, "detector_params", checked)
         bad = [k for k, w in (*self.ensemble_weights, *self.impact_weights) if not w >= 0]
         if bad:
             raise DetectorError(f"weights must be non-negative numbers; bad key(s): {', '.join(bad)}")
