@@ -134,9 +134,9 @@ class EvaluationResult:
     def as_dict(self) -> dict:
         return {"dataset": self.dataset, "detector": self.detector, **self.metrics.as_dict(), "files": self.files,
                 "scored_rows": self.scored_rows, "run_id": self.run_id,
-                "run_ids": self.run_ids or [self.run_id], "models": self.models, "seconds": round(self.seconds, 2),
-                "timings": self.timings, "config": self.config, "per_file": self.per_file,
-                "warnings": self.warnings}
+                "run_ids": self.run_ids or [self.run_id], "models": self.models,
+                "seconds": round(self.seconds, 2), "timings": self.timings, "config": self.config,
+                "per_file": self.per_file, "warnings": self.warnings}
 
 
 def evaluate_skab(*, path: Path | str, predictions_dir: Path | str | None = None, keep: bool = False,
@@ -147,9 +147,10 @@ def evaluate_skab(*, path: Path | str, predictions_dir: Path | str | None = None
     each folder's files are split into groups that run at one operating point
     (ml.evaluation.operating_regimes on their first SKAB_TRAIN_ROWS rows; valve1's 16 files are one),
     and each group is one scratch fleet and one pipeline run, trained on the first SKAB_TRAIN_ROWS
-    rows of each of its files (regimes=False: one model per folder, as before session 8); the figures
-    are pooled over every scored row of every group. SKAB's own baselines train one model per file; one per folder keeps that separation between experiment series (the rig
-    runs at other flows in other series) while each model still learns from many files. Measured on
+    rows of each of its files (regimes=False: one model per folder, no split); the figures are pooled
+    over every scored row of every group. SKAB's own baselines train one model per file; one per
+    folder and regime keeps that separation between experiment series (the rig runs at other flows in
+    other series) while each model still learns from many files. Measured on
     valve1 (README, SKAB): one model per file F1 0.827 / FAR 21.0 %, one for the folder 0.869 / 3.8 %;
     pooled into one model with the anomaly-free recording's series (flow near 122 where valve1's is
     near 32), valve1's own rows went to 0.851 / 14.6 %; in valve1's folder with it, 0.574 / 3.4 % in
@@ -165,7 +166,8 @@ def evaluate_skab(*, path: Path | str, predictions_dir: Path | str | None = None
     if not labelled:
         raise EvaluationError(f"no labelled SKAB file (with an 'anomaly' column) under {path}")
     devices = batch.devices[batch.devices["external_id"].isin(labelled)].reset_index(drop=True)
-    groups = _model_groups(devices, batch.telemetry, [m["name"] for m in batch.metric_schema] if regimes else [])
+    metrics = [m["name"] for m in batch.metric_schema] if regimes else []
+    groups = _model_groups(devices, batch.telemetry, metrics)
     several = len(groups) > 1  # then each warning names its group
     parts, runs, warnings, timings, fleet_config, models = [], [], [], {}, {}, []
     for name, members in groups:
@@ -201,7 +203,8 @@ def evaluate_skab(*, path: Path | str, predictions_dir: Path | str | None = None
                             fleet_config["algorithm"], timings, run_ids=runs, models=models)
 
 
-def _model_groups(devices: pd.DataFrame, telemetry: pd.DataFrame, metrics: list[str]) -> list[tuple[str, pd.DataFrame]]:
+def _model_groups(devices: pd.DataFrame, telemetry: pd.DataFrame,
+                  metrics: list[str]) -> list[tuple[str, pd.DataFrame]]:
     """[(name, devices)] of each model: a folder's files, or each operating regime of them
     (ml.evaluation.operating_regimes on the training rows of `metrics`; none: one group per folder),
     named "valve1" or "other regime 2 of 3" (numbered within the folder, in file order)."""

@@ -350,7 +350,7 @@ def test_skab_splits_a_folder_by_operating_regime(shared_data, tmp_path, capsys)
     assert split.metrics.tp == sum(f["tp"] for f in split.per_file.values())
     call_command("evaluate", "skab", str(mixed.parent), "--detector", "ensemble")
     assert "one model per folder and operating regime (2: valve1 regime 1 of 2, 2 files; valve1 regime 2 of 2, " \
-           "1 files)" in capsys.readouterr().out
+           "1 file)" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -234,5 +234,5 @@ def _models(result) -> str:
         return "one model"
     if not any(" regime " in n for n in names):
         return f"one model per folder ({len(names)}: {', '.join(sorted(names))})"
-    listed = "; ".join(f"{m['name']}, {m['files']} files" for m in models)
+    listed = "; ".join(f"{m['name']}, {m['files']} file{'s' if m['files'] != 1 else ''}" for m in models)
     return f"one model per folder and operating regime ({len(models)}: {listed})"
