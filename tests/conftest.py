@@ -11,6 +11,30 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("VIGIL_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
+# Fixtures through which a test reaches the database (pytest-django's, requested directly or by
+# another fixture); a test without them or the django_db mark cannot touch it (pytest-django refuses).
+# (django_db_setup: also module-scoped fixtures that unblock the database themselves; django_db_blocker
+# cannot tell, since pytest-django's autouse fixtures request it for every test.)
+DATABASE_FIXTURES = {"db", "transactional_db", "django_db_reset_sequences", "django_db_serialized_rollback",
+                     "django_db_setup", "live_server"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """With VIGIL_TESTS_DATABASE_ONLY=1 (the PostgreSQL pass of .ci/run) only the tests that can touch
+    the database run: the others (numerical core, readers, parsers) do not depend on the backend and
+    already ran in the SQLite pass."""
+    if os.environ.get("VIGIL_TESTS_DATABASE_ONLY") != "1":
+        return
+    keep, drop = [], []
+    for item in items:
+        touches = (item.get_closest_marker("django_db") or item.get_closest_marker("integration")
+                   or DATABASE_FIXTURES & set(getattr(item, "fixturenames", ())))
+        (keep if touches else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
