@@ -285,6 +285,7 @@ def redis_cache(settings):
     client.flushdb()
 
 
+@pytest.mark.xdist_group("redis-db7")  # redis_cache empties db 7: one test process runs these
 def test_rate_limits_count_in_redis_with_one_key_per_client_and_period(settings, redis_cache):
     """Production counts in Redis (one pipelined SET NX + INCR per limit); needs Redis on 127.0.0.1."""
     client = redis_cache
@@ -300,6 +301,7 @@ def test_rate_limits_count_in_redis_with_one_key_per_client_and_period(settings,
     assert refused.status_code == 429 and 3500 < int(refused["Retry-After"]) <= 3600
 
 
+@pytest.mark.xdist_group("redis-db7")  # redis_cache empties db 7: one test process runs these
 def test_all_rate_limits_of_a_request_are_counted_in_one_redis_round_trip(settings, monkeypatch, redis_cache):
     """The user and token limits of a token request: both counters in one pipeline; the tighter limit
     refuses with its own Retry-After. Needs Redis on 127.0.0.1."""

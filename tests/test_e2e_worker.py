@@ -34,7 +34,10 @@ from detection.routing import websocket_urlpatterns
 
 from factories import user_with_role
 
-pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+# One test process runs them all (make test's `--dist loadgroup`): each test empties Redis db 6, which
+# would drop another process's queued or unacknowledged tasks.
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True),
+              pytest.mark.xdist_group("redis-db6")]
 
 REDIS_URL = os.environ.get("VIGIL_E2E_REDIS_URL", "redis://127.0.0.1:6379/6")
 REPO = Path(__file__).resolve().parent.parent
