@@ -137,8 +137,9 @@ def write_mixed_folder(path: Path, target: Path, fault: list[str], step: float, 
     """A SKAB tree at target whose one folder (data/valve1) holds valve1's 16 files (links) and the
     first `experiments` pseudo-experiments with `fault` injected, written as SKAB files (';'-separated,
     SKAB's column names, anomaly 1 inside the fault): one folder at two operating points."""
-    from detection.ingest.readers import SKAB_SENSORS
     from detection.ingest.base import metric_identifier
+    from detection.ingest.readers import SKAB_SENSORS
+    from detection.ml.evaluation import in_windows
 
     folder = target / "data" / "valve1"
     if folder.exists() and any(folder.iterdir()):
@@ -156,11 +157,8 @@ def write_mixed_folder(path: Path, target: Path, fault: list[str], step: float, 
             break
         out = rows.rename(columns=names)[list(SKAB_SENSORS)]
         out.insert(0, "datetime", rows["timestamp"].dt.strftime("%Y-%m-%d %H:%M:%S"))
-        mine = windows[windows["external_id"] == external_id]
-        inside = np.zeros(len(rows), dtype=bool)
-        for start, end in zip(mine["start"], mine["end"]):
-            inside |= ((rows["timestamp"] >= start) & (rows["timestamp"] <= end)).to_numpy()
-        out["anomaly"], out["changepoint"] = inside.astype(float), 0.0
+        out["anomaly"] = in_windows(rows, windows, key="external_id").astype(float)
+        out["changepoint"] = 0.0
         out.to_csv(folder / f"pseudo{i}.csv", sep=";", index=False)
     written = len(list(folder.glob("pseudo*.csv")))
     print(f"wrote {len(sources)} valve1 links and {written} pseudo-experiments ({'+'.join(fault) or 'no fault'}, "

@@ -128,7 +128,8 @@ class EvaluationResult:
     # Every pipeline run behind the figures (SKAB: one per experiment folder and operating regime);
     # run_id is the first.
     run_ids: list[int] = field(default_factory=list)
-    # SKAB: one entry per model, {"name": "valve1" or "other regime 1 of 2", "files": n, "run_id": id}.
+    # SKAB: one entry per model, {"name": "valve1" or "other regime 1 of 2", "folder", "files": n,
+    # "run_id"}.
     models: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -157,7 +158,7 @@ def evaluate_skab(*, path: Path | str, predictions_dir: Path | str | None = None
     one model and 0.869 / 3.8 % with one model per regime (benchmarks/skab_injected.py --mixed-folder).
     Files without an `anomaly` column (anomaly-free.csv) are not scored. With predictions_dir,
     one CSV per file (datetime, anomaly 0/1) is written there. Returns the pooled figures (run_id: the
-    first folder's run; run_ids: every folder's). Raises EvaluationError (and
+    first model's run; run_ids and models: every model's). Raises EvaluationError (and
     detection.ingest.IngestError for unreadable files).
     """
     started = time.perf_counter()
@@ -166,11 +167,11 @@ def evaluate_skab(*, path: Path | str, predictions_dir: Path | str | None = None
     if not labelled:
         raise EvaluationError(f"no labelled SKAB file (with an 'anomaly' column) under {path}")
     devices = batch.devices[batch.devices["external_id"].isin(labelled)].reset_index(drop=True)
-    metrics = [m["name"] for m in batch.metric_schema] if regimes else []
+    metrics = [m["name"] for m in batch.metric_schema] if regimes else []  # none: one regime per folder
     groups = _model_groups(devices, batch.telemetry, metrics)
     several = len(groups) > 1  # then each warning names its group
     parts, runs, warnings, timings, fleet_config, models = [], [], [], {}, {}, []
-    for name, members in groups:
+    for folder, name, members in groups:
         ids = set(members["external_id"])
         part = replace(batch, devices=members.reset_index(drop=True),
                        telemetry=batch.telemetry[batch.telemetry["external_id"].isin(ids)].reset_index(
@@ -183,7 +184,7 @@ def evaluate_skab(*, path: Path | str, predictions_dir: Path | str | None = None
             scored = _scored_rows(run)
             parts.append((scored, in_windows(scored, load_ground_truth(fleet))))
             runs.append(run.id)
-            models.append({"name": name, "files": len(ids), "run_id": run.id})
+            models.append({"name": name, "folder": folder, "files": len(ids), "run_id": run.id})
             warnings += [f"{name}: {w}" if several else w for w in run.warnings]
             for stage, seconds in (run.stage_timings or {}).items():
                 timings[stage] = round(timings.get(stage, 0.0) + seconds, 3)
@@ -204,18 +205,17 @@ def evaluate_skab(*, path: Path | str, predictions_dir: Path | str | None = None
 
 
 def _model_groups(devices: pd.DataFrame, telemetry: pd.DataFrame,
-                  metrics: list[str]) -> list[tuple[str, pd.DataFrame]]:
-    """[(name, devices)] of each model: a folder's files, or each operating regime of them
-    (ml.evaluation.operating_regimes on the training rows of `metrics`; none: one group per folder),
+                  metrics: list[str]) -> list[tuple[str, str, pd.DataFrame]]:
+    """[(folder, name, devices)] of each model: a folder's files, or each operating regime of them
+    (ml.evaluation.operating_regimes on the training rows of `metrics`; no metrics: one regime),
     named "valve1" or "other regime 2 of 3" (numbered within the folder, in file order)."""
     groups = []
     for folder, members in devices.groupby("model", sort=True):
         rows = telemetry[telemetry["external_id"].isin(set(members["external_id"]))]
-        regime = members["external_id"].map(operating_regimes(rows, metrics, train_rows=SKAB_TRAIN_ROWS)) \
-            if metrics else pd.Series(0, index=members.index)
+        regime = members["external_id"].map(operating_regimes(rows, metrics, train_rows=SKAB_TRAIN_ROWS))
         split = list(members.groupby(regime.to_numpy(), sort=True))
         for i, (_, part) in enumerate(split, start=1):
-            groups.append((folder if len(split) == 1 else f"{folder} regime {i} of {len(split)}",
+            groups.append((folder, folder if len(split) == 1 else f"{folder} regime {i} of {len(split)}",
                            part.reset_index(drop=True)))
     return groups
 

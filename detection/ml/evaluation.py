@@ -156,11 +156,11 @@ def operating_regimes(frame: pd.DataFrame, metrics: list[str], *, train_rows: in
     |a - b| > (ratio - 1) * min(|a|, |b|), and by many spreads: |a - b| > spreads * the larger of
     the two series' mean absolute deviations (a tiny gap on a near-zero reading is no new regime).
     Regimes are the connected groups of series not at different points (single linkage, scipy's
-    connected_components), numbered
-    in the order of each regime's first key. Measured on SKAB: valve1's 16 files form one regime
-    (their water temperature ranges over 66-79 degC, a factor of 1.2; flow 32.0-33.0 l/min); the
-    anomaly-free recording (flow near 122, vibration RMS 0.21 against 0.027, current 2.5 A against
-    1.0 A) is another. Raises ValueError for train_rows < 1, ratio <= 1 or spreads < 0.
+    connected_components), numbered in the order of each regime's first key. Measured on SKAB:
+    valve1's 16 files form one regime (their water temperature ranges over 66-79 degC, a factor of
+    1.2; flow 32.0-33.0 l/min); the anomaly-free recording (flow near 122, vibration RMS 0.21 against
+    0.027, current 2.5 A against 1.0 A) is another. Raises ValueError for train_rows < 1, ratio <= 1
+    or spreads < 0.
     """
     if train_rows < 1 or not ratio > 1 or not spreads >= 0:
         raise ValueError(f"need train_rows >= 1, ratio > 1 and spreads >= 0; got {train_rows}, {ratio}, {spreads}")

@@ -228,11 +228,11 @@ def _models(result) -> str:
     """'one model', 'one model per folder (3: other, valve1, valve2)' or, when a folder's files run
     at several operating points, 'one model per folder and operating regime (3: other regime 1 of 2,
     9 files; ...)'."""
-    models = result.models or [{"name": name.split("/", 1)[0]} for name in result.per_file]
-    names = list(dict.fromkeys(m["name"] for m in models))
-    if len(names) == 1:
+    models = result.models
+    folders = sorted({m["folder"] for m in models})
+    if len(models) == 1:
         return "one model"
-    if not any(" regime " in n for n in names):
-        return f"one model per folder ({len(names)}: {', '.join(sorted(names))})"
+    if len(folders) == len(models):
+        return f"one model per folder ({len(folders)}: {', '.join(folders)})"
     listed = "; ".join(f"{m['name']}, {m['files']} file{'s' if m['files'] != 1 else ''}" for m in models)
     return f"one model per folder and operating regime ({len(models)}: {listed})"
