@@ -38,10 +38,10 @@ serve: install
 PYTEST_ARGS ?=
 # Two test processes (pytest-xdist): each has its own test database; on 2 cores the suite takes half
 # the time (measured 2026-11-21: 15 min 47 s -> 7 min 44 s, SQLite pass). TEST_WORKERS=0 runs in one.
-# Tests that share a Redis database they empty carry one xdist_group mark, so one process runs them.
+# Each process also has its own Redis databases (tests/conftest.py: worker_redis_db).
 TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 test-fast: install
 	$(PY) -m pytest -m "not slow and not browser"

@@ -35,6 +35,18 @@ def pytest_collection_modifyitems(config, items):
         items[:] = keep
 
 
+def worker_redis_db(base: int) -> int:
+    """Redis database `base` (6 or 7) for this test process: make test runs two (pytest-xdist), and a
+    test that empties its Redis database must not empty another process's. Worker gwN takes
+    base + 2N (gw0: 6 and 7, gw1: 8 and 9, ...; one process: base), so up to 5 workers fit Redis's 16."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    db = base + 2 * worker
+    if db > 15:
+        raise pytest.UsageError(f"Redis has databases 0-15; worker gw{worker} would need {db}: "
+                                "use TEST_WORKERS=5 or fewer")
+    return db
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

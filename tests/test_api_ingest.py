@@ -12,6 +12,7 @@ from rest_framework.test import APIClient
 from detection.choices import Label
 from detection.models import AnomalyFeedback, AuditEvent, Device, Telemetry
 
+from conftest import worker_redis_db
 from factories import AnomalyResultFactory, DeviceFactory, FleetFactory, user_with_role
 
 pytestmark = pytest.mark.django_db
@@ -267,13 +268,14 @@ def test_result_filters_refuse_or_normalise_out_of_range_values():
 
 @pytest.fixture
 def redis_cache(settings):
-    """The default cache on Redis db 7 at 127.0.0.1, emptied before and after: the client. With CI=true
-    a missing Redis fails the test, elsewhere it skips it."""
+    """The default cache on Redis db 7 at 127.0.0.1 (9 in a second test process: conftest.worker_redis_db),
+    emptied before and after: the client. With CI=true a missing Redis fails the test, elsewhere it
+    skips it."""
     import os
 
     import redis
 
-    url = "redis://127.0.0.1:6379/7"
+    url = f"redis://127.0.0.1:6379/{worker_redis_db(7)}"
     client = redis.Redis.from_url(url, socket_connect_timeout=2)
     try:
         client.ping()
@@ -285,7 +287,6 @@ def redis_cache(settings):
     client.flushdb()
 
 
-@pytest.mark.xdist_group("redis-db7")  # redis_cache empties db 7: one test process runs these
 def test_rate_limits_count_in_redis_with_one_key_per_client_and_period(settings, redis_cache):
     """Production counts in Redis (one pipelined SET NX + INCR per limit); needs Redis on 127.0.0.1."""
     client = redis_cache
@@ -301,7 +302,6 @@ def test_rate_limits_count_in_redis_with_one_key_per_client_and_period(settings,
     assert refused.status_code == 429 and 3500 < int(refused["Retry-After"]) <= 3600
 
 
-@pytest.mark.xdist_group("redis-db7")  # redis_cache empties db 7: one test process runs these
 def test_all_rate_limits_of_a_request_are_counted_in_one_redis_round_trip(settings, monkeypatch, redis_cache):
     """The user and token limits of a token request: both counters in one pipeline; the tighter limit
     refuses with its own Retry-After. Needs Redis on 127.0.0.1."""

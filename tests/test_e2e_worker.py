@@ -7,7 +7,8 @@ of a run loses nothing: the broker delivers the task again after its visibility 
 worker completes the run once, with no duplicated result or model version.
 
 Runs in the PostgreSQL pass of .ci/run (DATABASE_URL=postgres://..., Redis on 127.0.0.1:6379); it uses
-Redis database 6. Skipped on SQLite; on PostgreSQL with CI=true, an unreachable Redis is a failure.
+Redis database 6 (8 in a second test process: conftest.worker_redis_db). Skipped on SQLite; on
+PostgreSQL with CI=true, an unreachable Redis is a failure.
 """
 from __future__ import annotations
 
@@ -31,15 +32,15 @@ from detection.ingest.loader import ingest_batch
 from detection.ingest.synthetic import generate_fleet
 from detection.models import AnomalyResult, Fleet, ModelVersion, PipelineRun
 from detection.routing import websocket_urlpatterns
+from conftest import worker_redis_db
 
 from factories import user_with_role
 
-# One test process runs them all (make test's `--dist loadgroup`): each test empties Redis db 6, which
-# would drop another process's queued or unacknowledged tasks.
-pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True),
-              pytest.mark.xdist_group("redis-db6")]
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
-REDIS_URL = os.environ.get("VIGIL_E2E_REDIS_URL", "redis://127.0.0.1:6379/6")
+# Each test empties this database, so each test process has its own (db 6 in the first; its Celery
+# workers must not take another process's tasks, which name runs in another test database).
+REDIS_URL = os.environ.get("VIGIL_E2E_REDIS_URL", f"redis://127.0.0.1:6379/{worker_redis_db(6)}")
 REPO = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT = 150  # seconds for one pipeline run on a busy 2-core machine
 
