@@ -308,3 +308,15 @@ def test_production_model_card_shows_members_and_settings_and_trees_only_for_a_f
                         params={"algorithm": "robust_z", "n_estimators": 300, "contamination": 0.01})
     page = text(user_client.get("/fleets/plain/"))
     assert "Trees" not in page and "Members" not in page and "Settings" not in page and "0.01" in page
+    assert "Chosen because" not in page
+
+
+def test_production_model_card_says_why_auto_chose_its_members(user_client):
+    from detection.choices import ModelStatus
+
+    fleet = FleetFactory(name="pumps")
+    ModelVersionFactory(fleet=fleet, algorithm="auto", status=ModelStatus.PRODUCTION, params={
+        "algorithm": "auto", "members": "nn_novelty", "contamination": 0.03,
+        "selection_reason": "one metric, complete enough for a sequential model: nearest-neighbour novelty alone"})
+    page = text(user_client.get("/fleets/pumps/")).replace("\n", "")
+    assert "Membersnn_novelty" in page and "Chosen becauseone metric, complete enough" in page

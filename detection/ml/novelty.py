@@ -106,6 +106,21 @@ _LEVEL_SUFFIX = re.compile(r"_z_[a-z]+$")
 _ENGINEERED = tuple(s for s in MODEL_SUFFIXES if s) + ("_resid",)
 
 
+def metric_names(features: list[str]) -> list[str]:
+    """The distinct metrics behind `features`, in first-seen order: each feature with its baseline
+    z-score suffix (``_z_<level>``) and its engineered suffix (rolling mean/std, delta, cohort,
+    residual: detection.ml.features.MODEL_SUFFIXES) taken off. ["cpu", "cpu_roll_mean_z_device",
+    "temp_delta"] -> ["cpu", "temp"]."""
+    names: list[str] = []
+    for feature in features:
+        base = _LEVEL_SUFFIX.sub("", feature)
+        suffix = next((s for s in _ENGINEERED if base.endswith(s) and len(base) > len(s)), "")
+        base = base[:len(base) - len(suffix)]
+        if base not in names:
+            names.append(base)
+    return names
+
+
 def raw_metric_columns(features: list[str]) -> list[int]:
     """Positions of the features that are a metric itself (optionally as a baseline z-score,
     ``<metric>_z_<level>``), not one of its engineered variants (rolling mean/std, delta, cohort,
