@@ -88,7 +88,10 @@ def validate_narrative(text: str, payload: ExplanationPayload) -> ValidationResu
         metric = owner[match.group(0)]
         if metric not in named:
             named.append(metric)
-    masked = pattern.sub(" ", lowered)
+    # The payload's own names (device, fleet, cohort, device attributes) are not metrics, even when
+    # they look like one: a device "realTraffic/TravelTime_451" holds the snake_case "traveltime_451",
+    # a fleet "traffic" the telemetry term "traffic".
+    masked = _blank_out(pattern.sub(" ", lowered), _own_names(payload))
     for metric in named:
         if metric not in allowed_metrics:
             reasons.append(f"names {payload.label_of(metric)} ({metric}), which is not among this anomaly's metrics")
@@ -204,6 +207,13 @@ def _alias_table(metric_labels: dict, allowed: set) -> list[tuple[str, str]]:
                 continue
         result.append((alias, metric))
     return sorted(set(result), key=lambda item: -len(item[0]))
+
+
+def _own_names(payload: ExplanationPayload) -> list[str]:
+    """The payload's names that are not metrics (device, fleet, cohort, device attributes), longest first."""
+    names = [payload.device, payload.fleet, payload.cohort_label,
+             *[str(v) for v in (payload.device_attributes or {}).values() if v]]
+    return sorted({n for n in names if n}, key=len, reverse=True)
 
 
 def _scrub(text: str, payload: ExplanationPayload) -> str:

@@ -278,6 +278,23 @@ def test_numbers_inside_names_and_list_markers_are_not_checked():
     assert validate_narrative(text, payload()).valid
 
 
+def test_the_payloads_own_names_are_not_invented_metrics_even_when_they_look_like_one():
+    # A NAB series ingested as a device: its id holds a snake_case token, its fleet a telemetry term.
+    p = payload(device="realTraffic/TravelTime_451", fleet="traffic", cohort_label="realTraffic")
+    text = BuiltinWriter().text(p)
+    assert "realTraffic/TravelTime_451" in text
+    result = validate_narrative(text, p)
+    assert result.valid, result.reasons
+    assert validate_narrative(GOOD + " Fleet traffic, device realTraffic/TravelTime_451.", p).valid
+    # The token outside the device's name is still a metric the payload does not have; so is a term
+    # that is no payload name. (The fleet's name is blanked wherever it stands: "traffic" is the fleet
+    # here, not the telemetry term.)
+    result = validate_narrative(GOOD + " Its traveltime_451 rose and the humidity doubled.", p)
+    assert not result.valid and any("'traveltime_451'" in r for r in result.reasons)
+    assert any("names humidity" in r for r in result.reasons)
+    assert any("names traffic" in r for r in validate_narrative(GOOD + " Traffic doubled.", payload()).reasons)
+
+
 def test_narrate_falls_back_to_the_builtin_writer_when_a_provider_fails_or_is_rejected():
     class Broken:
         name = "llm"

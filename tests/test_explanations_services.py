@@ -347,3 +347,20 @@ def test_user_without_a_role_cannot_read_or_request_explanations(client):
     assert client.post(f"/anomalies/{anomaly.pk}/explanation/generate/").status_code == 403
     client.force_login(user_with_role("vera", "viewer"))
     assert client.get(f"/anomalies/{anomaly.pk}/explanation/").status_code == 200
+
+
+def test_panel_says_when_the_attribution_does_not_reproduce_the_stored_score(user_client, anomaly):
+    # A sequential detector (nn_novelty, windowed_gaussian...) scores a row against its device's earlier
+    # rows; Kernel SHAP scores the row on its own, so base + contributions can differ from the stored score.
+    pending, _ = explanation_request(anomaly=anomaly, enqueue=False)
+    explanation_execute(explanation_id=pending.pk)
+    explanation = Explanation.objects.get(pk=pending.pk)
+    url = reverse("explanations:panel", args=[anomaly.pk])
+    html = user_client.get(url, HTTP_HX_REQUEST="true").content.decode()
+    assert ", the anomaly score" in html and "not the stored score" not in html
+    explanation.attributions = {**explanation.attributions, "output_value": 15.4,
+                                "reproduced": {"score": 15.4, "stored": 825.82, "error": 810.42, "ok": False}}
+    explanation.save(update_fields=["attributions"])
+    html = user_client.get(url, HTTP_HX_REQUEST="true").content.decode()
+    assert "= 15.4: the detector's score of this row taken on its own, not the stored score 826" in html
+    assert ", the anomaly score" not in html and "read the bars as a ranking" in html

@@ -434,11 +434,11 @@ def weights_from_feedback(feedback: pd.DataFrame, members, priors: dict[str, flo
 
 def data_characteristics(X: pd.DataFrame, features: list[str], *, max_lag: int = 300) -> dict:
     """What the selection reads, from rows x features (time order): rows, features, metrics (the
-    distinct metrics behind the features, their engineered variants and baseline z-scores folded in:
-    detection.ml.novelty.metric_names), multivariate (more than one metric), missing_share (NaN or inf among all cells, 0..1) and
-    seasonality_strength (the largest autocorrelation at a lag in [2, max_lag] of the first
-    non-constant feature, statsmodels acf; 0 when too short). Raises DetectorError when no feature
-    column is present."""
+    distinct metrics behind the features, their engineered variants and baseline z-scores folded
+    in: detection.ml.novelty.metric_names), multivariate (more than one metric), missing_share (NaN
+    or inf among all cells, 0..1) and seasonality_strength (the largest autocorrelation at a lag in
+    [2, max_lag] of the first non-constant feature, statsmodels acf; 0 when too short). Raises
+    DetectorError when no feature column is present."""
     cols = [f for f in features if f in X.columns]
     if not cols:
         raise DetectorError("none of the feature columns is in the frame")
