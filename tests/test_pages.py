@@ -320,3 +320,12 @@ def test_production_model_card_says_why_auto_chose_its_members(user_client):
         "selection_reason": "one metric, complete enough for a sequential model: nearest-neighbour novelty alone"})
     page = text(user_client.get("/fleets/pumps/")).replace("\n", "")
     assert "Membersnn_novelty" in page and "Chosen becauseone metric, complete enough" in page
+
+
+def test_member_weights_are_shown_only_for_an_ensemble_of_several_members():
+    from detection.templatetags.vigil import member_weights
+
+    assert member_weights({"weight_nn_novelty": 1.0, "weights_source": "priors"}) is None  # auto on one metric
+    assert member_weights({"algorithm": "robust_z"}) is None
+    both = member_weights({"weight_robust_z": 1.0, "weight_lof": 0.5})
+    assert both == {"weights": [("robust_z", 1.0), ("lof", 0.5)], "source": "priors"}

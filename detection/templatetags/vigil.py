@@ -86,10 +86,11 @@ def detector_settings(params: dict | None) -> list[str]:
 @register.filter
 def member_weights(params: dict | None) -> dict | None:
     """An ensemble model version's member weights from its params: {"weights": [(member, weight)],
-    "source": "priors" | "precision on N reviewed anomalies"}; None for a model that is not an ensemble."""
+    "source": "priors" | "precision on N reviewed anomalies"}; None for a model that is not an ensemble,
+    or one with a single member (auto on one metric), whose weight changes nothing."""
     params = params or {}
     weights = [(key.removeprefix("weight_"), value) for key, value in params.items()
                if key.startswith("weight_") and isinstance(value, (int, float))]
-    if not weights:
+    if len(weights) < 2:
         return None
     return {"weights": weights, "source": params.get("weights_source", "priors")}
