@@ -362,5 +362,5 @@ def test_panel_says_when_the_attribution_does_not_reproduce_the_stored_score(use
                                 "reproduced": {"score": 15.4, "stored": 825.82, "error": 810.42, "ok": False}}
     explanation.save(update_fields=["attributions"])
     html = user_client.get(url, HTTP_HX_REQUEST="true").content.decode()
-    assert "= 15.4: the detector's score of this row taken on its own, not the stored score 826" in html
-    assert ", the anomaly score" not in html and "read the bars as a ranking" in html
+    assert "= 15.4: the score of this row as the attribution rebuilt it, not the stored score 826" in html
+    assert ", the anomaly score" not in html and "Read the bars as a ranking" in html
