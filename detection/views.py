@@ -26,7 +26,7 @@ from django_htmx.middleware import HtmxDetails
 from . import selectors, services
 from .choices import ModelStatus, Role, Trigger, Verdict
 from .filters import AnomalyResultFilterSet, DeviceFilterSet
-from .models import Device, Fleet, ModelVersion
+from .models import Fleet, ModelVersion
 from .permissions import role_required
 
 RUNS_PER_PAGE = 25

@@ -289,7 +289,6 @@ def attribute_kernel(detector, X: pd.DataFrame, background: pd.DataFrame, *, fea
     """
     import shap
 
-    from .rows import split_model_column
 
     if background is None or background.empty:
         raise AttributionError("Kernel SHAP needs background rows; none were given")

@@ -9,7 +9,7 @@ Django-free; detectors are found by name through DETECTORS (register_detector).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import numpy as np
