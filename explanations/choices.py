@@ -22,4 +22,5 @@ class Provider(models.TextChoices):
 class AttributionMethod(models.TextChoices):
     TREE_SHAP = "tree_shap", "SHAP TreeExplainer"
     KERNEL_SHAP = "kernel_shap", "SHAP KernelExplainer"
+    CONTEXT_SHAP = "context_shap", "Shapley values in the device's sequence"
     ROBUST_Z = "robust_z", "Robust z-score (fallback)"

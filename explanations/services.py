@@ -16,6 +16,7 @@ import datetime as dt
 import functools
 import logging
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -31,11 +32,15 @@ from detection.ml.artifacts import ArtifactError, load_artifact
 from detection.models import AnomalyResult, Device, PipelineRun
 
 from .attribution import (
+    MAX_CONTEXT_METRICS,
     Attribution,
     AttributionError,
+    attribute_in_context,
     attribute_kernel,
     attribute_robust_z,
     attribute_tree,
+    head_label,
+    is_sequential,
     supports_tree_shap,
 )
 from .choices import ExplanationStatus, Provider
@@ -320,6 +325,10 @@ def _attribute(anomalies: list[AnomalyResult], context: _RunContext, *, cohort_b
     detector, config, baselines = context.detector, context.config, context.baselines
     tree = supports_tree_shap(detector)
     fleet = anomalies[0].run.fleet
+    if not tree and is_sequential(detector) and len(fleet.metric_names) <= MAX_CONTEXT_METRICS:
+        in_context = _attribute_in_context(anomalies, context)
+        if in_context is not None:
+            return in_context
     try:
         telemetry = (load_telemetry_frame(fleet) if _needs_whole_fleet(detector, config)
                      else _telemetry(anomalies, fleet, config, cohort_bulk=cohort_bulk))
@@ -347,6 +356,63 @@ def _attribute(anomalies: list[AnomalyResult], context: _RunContext, *, cohort_b
     ids = [a.pk for a, ok in zip(anomalies, found) if ok]
     reason = "" if found.all() else "the anomaly's telemetry is no longer stored"
     return dict(zip(ids, results)), reason
+
+
+def _attribute_in_context(anomalies: list[AnomalyResult], context: _RunContext
+                          ) -> tuple[dict[int, Attribution], str] | None:
+    """attribution.attribute_in_context for each anomaly: its device's rows from the device's first sample
+    on are rebuilt (with their cohort peers', which the cohort features read) and indexed as the
+    pipeline's frame was, so the detector scores them as it did. None when they cannot be rebuilt that
+    way (a device whose first training row has no integer label, or rows that do not rebuild): the
+    caller then uses Kernel SHAP."""
+    detector, config, baselines = context.detector, context.config, context.baselines
+    fleet = anomalies[0].run.fleet
+    devices = sorted({a.device_id for a in anomalies})
+    last = {d: max(a.timestamp for a in anomalies if a.device_id == d) for d in devices}
+    cohort_columns = [c for c in config.features.cohort_columns if hasattr(Device, c)]
+    cohorts = set(Device.objects.filter(pk__in=devices).values_list(*cohort_columns)) if cohort_columns else set()
+    peers = [pk for pk, *cohort in Device.objects.filter(fleet=fleet).values_list("pk", *cohort_columns)
+             if not cohort_columns or tuple(cohort) in cohorts]
+    bucket = pd.Timedelta(config.features.cohort_bucket)
+    end = pd.Timestamp(max(last.values())).floor(bucket) + bucket
+    try:
+        telemetry = load_telemetry_frame(fleet, end=end.to_pydatetime(), device_ids=sorted(set(peers) | set(devices)))
+        stamps = pd.to_datetime(telemetry["timestamp"], utc=True)
+        cutoff = pd.to_datetime(telemetry["device_id"].map({d: pd.Timestamp(t) for d, t in last.items()}), utc=True)
+        own = (telemetry["device_id"].isin(devices) & (stamps <= cutoff)).to_numpy()
+        keys = pd.DataFrame({"device_id": telemetry.loc[own, "device_id"].to_numpy(),
+                             "timestamp": stamps[own].to_numpy()})
+        rows = model_rows(telemetry, keys, metrics=fleet.metric_names, config=config, baselines=baselines,
+                          detector=detector)
+    except (RowsError, KeyError, ValueError) as exc:
+        logger.warning("cannot rebuild the device rows of run %s: %s", anomalies[0].run_id, exc)
+        return None
+    columns = [c for c in rows.frame.columns if c not in ("device_id", "timestamp")]
+    levels = tuple(baselines.levels) if baselines is not None else ()
+    blocks = {}
+    for device, block in rows.frame.groupby("device_id", sort=False):
+        label = head_label(detector, device)
+        if label is not None and not isinstance(label, numbers.Integral):
+            return None
+        block = block.sort_values("timestamp", kind="stable")
+        start = label if label is not None else 0
+        blocks[device] = block.set_index(pd.RangeIndex(start, start + len(block)))
+    results, missing = {}, False
+    for anomaly in anomalies:
+        block = blocks.get(anomaly.device_id)
+        stamp = pd.Timestamp(anomaly.timestamp)
+        stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+        if block is None or not (block["timestamp"] == stamp).any():
+            missing = True
+            continue
+        prefix = block[block["timestamp"] <= stamp]
+        try:
+            results[anomaly.pk] = attribute_in_context(
+                detector, prefix[columns + ["device_id"]], feature_metric=rows.feature_metric,
+                metric_domain=fleet.metric_domains, levels=levels)
+        except AttributionError:
+            return None
+    return results, "the anomaly's telemetry is no longer stored" if missing else ""
 
 
 def _needs_whole_fleet(detector, config) -> bool:

@@ -7,6 +7,9 @@ import pytest
 
 from detection.ml.detectors import AnomalyDetector, AnomalyDetectorConfig, HybridAnomalyDetector
 from explanations.attribution import (
+    attribute_in_context,
+    head_label,
+    is_sequential,
     attribute_kernel,
     attribute_robust_z,
     attribute_tree,
@@ -355,3 +358,67 @@ def test_contribution_bars_scale_to_the_largest_contribution():
 
     bars = contribution_bars(E())
     assert [(b["label"], b["width"], b["up"]) for b in bars] == [("Alpha", 100.0, True), ("b", 25.0, False)]
+
+
+# --- Shapley values in the device's sequence (sequential detectors) ----------------------------------
+
+def _two_device_frame(n=400, seed=5):
+    """Two devices x n rows, metrics a and b (white noise); device 2 runs 5 higher in a, and its last
+    row has a spike of 8 in a on top."""
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame({"a": rng.normal(size=2 * n), "b": rng.normal(size=2 * n),
+                          "device_id": np.repeat([1, 2], n)})
+    frame.loc[n:, "a"] += 5.0
+    frame.loc[2 * n - 1, "a"] += 8.0
+    return frame
+
+
+def test_in_context_shapley_values_add_up_to_the_score_the_detector_gave_in_sequence():
+    from detection.ml.statistical import WindowedGaussianDetector
+
+    frame = _two_device_frame()
+    detector = WindowedGaussianDetector(AnomalyDetectorConfig()).fit(frame.iloc[list(range(300)) + list(range(400, 700))],
+                                                                     ["a", "b"])
+    assert is_sequential(detector) and head_label(detector, 2) == 400 and head_label(detector, 9) is None
+    stored = detector.score_samples(frame)  # the pipeline scores the whole frame, device blocks in order
+    sequence = frame.iloc[400:]  # device 2 from its first row, indexed as in the frame
+    result = attribute_in_context(detector, sequence, feature_metric={}, metric_domain={"a": "power"})
+    assert result.method == "context_shap" and result.additivity["ok"]
+    assert result.output_value == pytest.approx(stored[-1], rel=1e-12)
+    assert result.base_value + sum(m.contribution for m in result.metrics) == pytest.approx(stored[-1], rel=1e-9)
+    by_metric = {m.metric: m for m in result.metrics}
+    assert by_metric["a"].contribution > 5 * abs(by_metric["b"].contribution) and by_metric["a"].domain == "power"
+    # Scored on its own, as Kernel SHAP scores a row, the spike reads against the wrong past (both
+    # devices' training rows), not device 2's own.
+    alone = detector.score_samples(frame.iloc[[-1]].drop(columns="device_id"))
+    assert abs(alone[0] - stored[-1]) > 1.0
+
+
+def test_in_context_attribution_refuses_too_many_metrics_and_empty_sequences():
+    from detection.ml.statistical import WindowedGaussianDetector
+    from explanations.attribution import AttributionError
+
+    frame = _two_device_frame()
+    detector = WindowedGaussianDetector(AnomalyDetectorConfig()).fit(frame.iloc[:300], ["a", "b"])
+    with pytest.raises(AttributionError, match="2 metrics.*at most 1"):
+        attribute_in_context(detector, frame.iloc[:350], feature_metric={}, metric_domain={}, max_metrics=1)
+    with pytest.raises(AttributionError, match="4 coalitions x 350 rows is more than 1000"):
+        attribute_in_context(detector, frame.iloc[:350], feature_metric={}, metric_domain={}, max_work=1000)
+    with pytest.raises(AttributionError, match="no row"):
+        attribute_in_context(detector, frame.iloc[:0], feature_metric={}, metric_domain={})
+    assert not is_sequential(AnomalyDetector(AnomalyDetectorConfig()).fit(frame.iloc[:300], ["a", "b"]))
+
+
+def test_an_ensemble_with_alarm_persistence_is_attributed_in_sequence_too():
+    from detection.ml.suite import EnsembleDetector
+
+    frame = _two_device_frame()
+    config = AnomalyDetectorConfig(ensemble_smooth_rows=5)
+    detector = EnsembleDetector(config, members=("robust_z", "iqr")).fit(
+        frame.iloc[list(range(300)) + list(range(400, 700))], ["a", "b"])
+    assert is_sequential(detector) and head_label(detector, 2) == 400
+    stored = detector.score_samples(frame)
+    result = attribute_in_context(detector, frame.iloc[400:], feature_metric={}, metric_domain={})
+    assert result.output_value == pytest.approx(stored[-1], rel=1e-12) and result.additivity["ok"]
+    assert not is_sequential(EnsembleDetector(AnomalyDetectorConfig(), members=("robust_z", "iqr")).fit(
+        frame.iloc[:300], ["a", "b"]))

@@ -364,3 +364,33 @@ def test_panel_says_when_the_attribution_does_not_reproduce_the_stored_score(use
     html = user_client.get(url, HTTP_HX_REQUEST="true").content.decode()
     assert "= 15.4: the score of this row as the attribution rebuilt it, not the stored score 826" in html
     assert ", the anomaly score" not in html and "Read the bars as a ranking" in html
+
+
+@pytest.mark.django_db
+def test_a_sequential_detectors_anomaly_is_attributed_in_its_devices_sequence(shared_data, monkeypatch):
+    # Two NAB traffic series as a fleet of one metric, under auto (nn_novelty: a sequential detector).
+    for name in ("speed_7578.csv", "TravelTime_451.csv"):
+        call_command("ingest", str(shared_data / "nab" / "data" / "realTraffic" / name), "--format", "nab",
+                     "--fleet", "nab-traffic", verbosity=0)
+    fleet = Fleet.objects.get(name="nab-traffic")
+    fleet.config = {"algorithm": "auto"}
+    fleet.save()
+    run = pipeline_run_execute(run_id=pipeline_run_create(fleet=fleet, params={"train_rows_per_device": 300}).id)
+    anomalies = list(AnomalyResult.objects.filter(run=run, label=-1).order_by("-anomaly_score")[:3])
+    assert anomalies and run.model_version.params["selected_members"] == "nn_novelty"
+    for anomaly in anomalies:
+        pending, _ = explanation_request(anomaly=anomaly, enqueue=False)
+        explanation_execute(explanation_id=pending.pk)
+        explanation = Explanation.objects.get(pk=pending.pk)
+        attributions = explanation.attributions
+        assert explanation.attribution_method == "context_shap" and attributions["reproduced"]["ok"]
+        total = attributions["base_value"] + sum(m["contribution"] for m in attributions["metrics"])
+        assert total == pytest.approx(anomaly.anomaly_score, rel=1e-9)
+        assert [m["metric"] for m in attributions["metrics"]] == ["value"]
+    # Past the limit (here: no metric allowed), Kernel SHAP scores the row on its own: the sum misses
+    # the stored score, and the explanation records that it does.
+    monkeypatch.setattr("explanations.services.MAX_CONTEXT_METRICS", 0)
+    pending, _ = explanation_request(anomaly=anomalies[0], regenerate=True, enqueue=False)
+    explanation_execute(explanation_id=pending.pk)
+    explanation = Explanation.objects.get(pk=pending.pk)
+    assert explanation.attribution_method == "kernel_shap" and not explanation.attributions["reproduced"]["ok"]
