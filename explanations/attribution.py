@@ -295,7 +295,6 @@ def attribute_kernel(detector, X: pd.DataFrame, background: pd.DataFrame, *, fea
     """
     import shap
 
-
     if background is None or background.empty:
         raise AttributionError("Kernel SHAP needs background rows; none were given")
     if X.empty:
@@ -338,20 +337,23 @@ MAX_CONTEXT_METRICS = 6  # 2 ** 6 = 64 scorings of the device's rows per anomaly
 MAX_CONTEXT_WORK = 60_000
 
 
+def _with_members(detector) -> list:
+    """The detector and, for an ensemble, its fitted members."""
+    return [detector, *(getattr(detector, "members_", None) or {}).values()]
+
+
 def is_sequential(detector) -> bool:
     """True when the detector, or one of its ensemble members, reads each device's rows as a series
     (detection.ml.statistical._SequentialDetector and the deep detectors keep per-device pasts_), so
     that a row's score depends on the device's earlier rows."""
-    members = getattr(detector, "members_", None) or {}
-    return any(getattr(d, "pasts_", None) is not None for d in [detector, *members.values()])
+    return any(getattr(d, "pasts_", None) is not None for d in _with_members(detector))
 
 
 def head_label(detector, device) -> object | None:
     """The index label the pipeline's frame gave `device`'s first training row (a sequential detector
     scores a device block that starts with it as the device's whole series), or None when the
     detector never saw the device."""
-    members = getattr(detector, "members_", None) or {}
-    for d in [detector, *members.values()]:
+    for d in _with_members(detector):
         past = (getattr(d, "pasts_", None) or {}).get(device)
         if past is not None:  # a _DevicePast, or the ensemble's (label, head, tail)
             return past.label if hasattr(past, "label") else past[0]
@@ -392,15 +394,13 @@ def attribute_in_context(detector, sequence: pd.DataFrame, *, feature_metric: di
     if 2 ** len(metrics) * len(sequence) > max_work:
         raise AttributionError(f"{2 ** len(metrics)} coalitions x {len(sequence)} rows is more than {max_work} "
                                f"rows to score")
-    earlier = sequence[columns].iloc[:-1]
+    earlier, last = sequence[columns].iloc[:-1], sequence[columns].iloc[-1]
     if reference is None:
-        reference = earlier.median() if len(earlier) else sequence[columns].iloc[-1]
-    reference = reference.reindex(columns).fillna(sequence[columns].iloc[-1]).fillna(0.0)
-    last = sequence[columns].iloc[-1]
+        reference = earlier.median() if len(earlier) else last
+    reference = reference.reindex(columns).fillna(last).fillna(0.0)
     positions = {m: [columns.index(c) for c, _, metric, _, _ in meta if metric == m] for m in metrics}
     n = len(metrics)
     frame = sequence.copy()
-    row = len(frame) - 1
     column_at = [frame.columns.get_loc(c) for c in columns]
     value = np.empty(2 ** n)
     actual, typical = last.to_numpy(dtype="float64"), reference.to_numpy(dtype="float64")
@@ -409,8 +409,7 @@ def attribute_in_context(detector, sequence: pd.DataFrame, *, feature_metric: di
         for k, m in enumerate(metrics):
             if not mask >> k & 1:
                 current[positions[m]] = typical[positions[m]]
-        for j, position in enumerate(column_at):
-            frame.iat[row, position] = current[j]
+        frame.iloc[-1, column_at] = current
         value[mask] = float(detector.score_samples(frame)[-1])
     phi = np.zeros(n)
     weights = [factorial(size) * factorial(n - size - 1) / factorial(n) for size in range(n)]

@@ -369,14 +369,10 @@ def _attribute_in_context(anomalies: list[AnomalyResult], context: _RunContext
     fleet = anomalies[0].run.fleet
     devices = sorted({a.device_id for a in anomalies})
     last = {d: max(a.timestamp for a in anomalies if a.device_id == d) for d in devices}
-    cohort_columns = [c for c in config.features.cohort_columns if hasattr(Device, c)]
-    cohorts = set(Device.objects.filter(pk__in=devices).values_list(*cohort_columns)) if cohort_columns else set()
-    peers = [pk for pk, *cohort in Device.objects.filter(fleet=fleet).values_list("pk", *cohort_columns)
-             if not cohort_columns or tuple(cohort) in cohorts]
-    bucket = pd.Timedelta(config.features.cohort_bucket)
-    end = pd.Timestamp(max(last.values())).floor(bucket) + bucket
     try:
-        telemetry = load_telemetry_frame(fleet, end=end.to_pydatetime(), device_ids=sorted(set(peers) | set(devices)))
+        # The anomalies share one cohort (one anomaly, or one cohort of a run: explanation_run_generate).
+        telemetry = (load_telemetry_frame(fleet) if _needs_whole_fleet(detector, config)
+                     else _telemetry(anomalies, fleet, config, cohort_bulk=True, whole_history=True))
         stamps = pd.to_datetime(telemetry["timestamp"], utc=True)
         cutoff = pd.to_datetime(telemetry["device_id"].map({d: pd.Timestamp(t) for d, t in last.items()}), utc=True)
         own = (telemetry["device_id"].isin(devices) & (stamps <= cutoff)).to_numpy()
@@ -424,9 +420,12 @@ def _needs_whole_fleet(detector, config) -> bool:
     return any(c.endswith("_resid") for c in detector_columns(detector))
 
 
-def _telemetry(anomalies: list[AnomalyResult], fleet, config, *, cohort_bulk: bool) -> pd.DataFrame:
+def _telemetry(anomalies: list[AnomalyResult], fleet, config, *, cohort_bulk: bool,
+               whole_history: bool = False) -> pd.DataFrame:
     """What explanations.rows needs: the devices' history before their anomalies and their cohort peers'
-    samples of the same bucket (bulk: the whole cohort over the anomalies' span, which covers both)."""
+    samples of the same bucket (bulk: the whole cohort over the anomalies' span, which covers both;
+    whole_history: the whole cohort from its first sample to the anomalies' last bucket, for the
+    in-context attribution)."""
     margin = history_margin(config).to_pytimedelta()
     bucket = pd.Timedelta(config.features.cohort_bucket)
     first, last = min(a.timestamp for a in anomalies), max(a.timestamp for a in anomalies)
@@ -434,9 +433,9 @@ def _telemetry(anomalies: list[AnomalyResult], fleet, config, *, cohort_bulk: bo
     device = anomalies[0].device
     peers = Device.objects.filter(fleet=fleet, **{c: getattr(device, c) for c in cohort_columns})
     end = pd.Timestamp(last).floor(bucket) + bucket
-    if cohort_bulk:
-        return load_telemetry_frame(fleet, start=first - margin, end=end.to_pydatetime(),
-                                    device_ids=list(peers.values_list("pk", flat=True)))
+    if cohort_bulk or whole_history:
+        return load_telemetry_frame(fleet, start=None if whole_history else first - margin,
+                                    end=end.to_pydatetime(), device_ids=list(peers.values_list("pk", flat=True)))
     own = load_telemetry_frame(fleet, start=first - margin, end=end.to_pydatetime(),
                                device_ids=sorted({a.device_id for a in anomalies}))
     others = load_telemetry_frame(fleet, start=pd.Timestamp(first).floor(bucket).to_pydatetime(),

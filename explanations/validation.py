@@ -219,10 +219,9 @@ def _own_names(payload: ExplanationPayload) -> list[str]:
 def _scrub(text: str, payload: ExplanationPayload) -> str:
     """The text without list markers, the payload's names and the anomaly's timestamp."""
     ts = pd.Timestamp(payload.timestamp)
-    names = [payload.device, payload.fleet, payload.cohort_label, payload.when, payload.timestamp,
+    names = [*_own_names(payload), payload.when, payload.timestamp,
              ts.strftime("%Y-%m-%d %H:%M:%S"), ts.strftime("%Y-%m-%d %H:%M"), ts.strftime("%Y-%m-%dT%H:%M"),
              ts.strftime("%Y-%m-%d"), ts.strftime("%H:%M:%S"), ts.strftime("%H:%M"),
-             *[str(v) for v in (payload.device_attributes or {}).values() if v],
              *[m.level_label for m in payload.top_metrics], *[m.aspect for m in payload.top_metrics],
              *[label for label in payload.metric_labels.values()], *payload.metric_labels,
              *[m.feature for m in payload.top_metrics],
