@@ -56,6 +56,7 @@ class AlertEventKind(models.TextChoices):
     SUPPRESSED = "suppressed", "Suppressed (false positives)"
     NOTIFIED = "notified", "Notification queued"
     HELD = "held", "Notification held for the digest"
+    REVIEWED = "reviewed", "Anomalies reviewed"
 
 
 class DriftStatus(models.TextChoices):

@@ -27,8 +27,11 @@ def alert_get(*, pk: int) -> Alert | None:
 
 
 def alert_anomalies(*, alert: Alert, limit: int = 100) -> list:
-    """The alert's anomalies, newest first, with their devices (at most limit)."""
-    return list(alert.anomalies.select_related("device").order_by("-timestamp", "-id")[:limit])
+    """The alert's anomalies, newest first, with their devices and verdict counts
+    (detection.selectors.with_verdict_counts; at most limit)."""
+    from detection.selectors import with_verdict_counts
+
+    return list(with_verdict_counts(alert.anomalies.select_related("device")).order_by("-timestamp", "-id")[:limit])
 
 
 def open_alert_count() -> int:

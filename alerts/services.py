@@ -317,10 +317,10 @@ def _apply_growth(fleet: Fleet, growths: list[_Growth], devices: dict) -> None:
         alert = g.alert
         if g.created:
             events.append(_new_event(alert, AlertEventKind.OPENED,
-                                     f"{len(g.anomalies)} anomalies, severity {alert.severity}"))
+                                     f"{len(g.anomalies)} {_noun(len(g.anomalies))}, severity {alert.severity}"))
         else:
             events.append(_new_event(alert, AlertEventKind.GREW,
-                                     f"{len(g.anomalies)} more anomalies (now {alert.count})"))
+                                     f"{len(g.anomalies)} more {_noun(len(g.anomalies))} (now {alert.count})"))
         escalated = not g.created and severity_rank(alert.severity) > severity_rank(g.severity_before)
         if escalated:
             events.append(_new_event(alert, AlertEventKind.ESCALATED, f"{g.severity_before} -> {alert.severity}"))
@@ -343,6 +343,10 @@ def _set_cohort_counts(alert: Alert, members: set[tuple[int, str]]) -> None:
 
 def _new_event(alert: Alert, kind: str, message: str = "", actor_label: str = "system") -> AlertEvent:
     return AlertEvent(alert=alert, kind=kind, message=message[:500], actor_label=actor_label[:150])
+
+
+def _noun(count: int) -> str:
+    return "anomaly" if count == 1 else "anomalies"
 
 
 def _event(alert: Alert, kind: str, message: str = "", actor_label: str = "system") -> AlertEvent:
@@ -609,6 +613,28 @@ def alert_snooze(*, alert: Alert, user, until: dt.datetime | None = None, minute
                      before={"snoozed_until": before}, after={"snoozed_until": until.isoformat()})
         _push_on_commit(locked)
     return locked
+
+
+def alert_review(*, alert: Alert, user, verdict: str, comment: str = "") -> int:
+    """One verdict on every anomaly of the alert (detection.services.feedback_give_many: all or none),
+    with a timeline event and an audit record in the same transaction. Returns the number of anomalies
+    reviewed. The verdicts then act as any others (alerts_on_feedback: false positives suppress the alert,
+    a true positive reopens a suppressed one). Raises AlertActionError naming the field ("anomalies" past
+    detection.services.FEEDBACK_BULK_MAX, "verdict", "comment")."""
+    from detection.services import FeedbackError, feedback_give_many
+
+    anomalies = list(alert.anomalies.select_related("fleet", "device").order_by("timestamp", "id"))
+    try:
+        with transaction.atomic():
+            done = feedback_give_many(anomalies=anomalies, user=user, verdict=verdict, comment=comment)
+            label = Verdict(verdict).label.lower()
+            _event(alert, AlertEventKind.REVIEWED, f"{len(done)} {_noun(len(done))} marked {label}"
+                   + (f": {comment.strip()}" if comment.strip() else ""), actor_label=user.get_username())
+            audit_record(action=AuditAction.ALERT_REVIEWED, actor=user, fleet=alert.fleet, target=alert,
+                         after={"verdict": verdict, "anomalies": len(done)}, reason=comment.strip()[:500])
+    except FeedbackError as exc:
+        raise AlertActionError(exc.field, str(exc).split(": ", 1)[-1]) from None
+    return len(done)
 
 
 def _transition(alert: Alert, user, *, frm: tuple, to: str, action: str, kind: str, reason: str = "") -> Alert:

@@ -9,6 +9,7 @@ urlpatterns = [
     path("alerts/<int:pk>/", views.alert_detail, name="alert_detail"),
     path("alerts/<int:pk>/acknowledge/", views.alert_acknowledge, name="alert_acknowledge"),
     path("alerts/<int:pk>/resolve/", views.alert_resolve, name="alert_resolve"),
+    path("alerts/<int:pk>/review/", views.alert_review, name="alert_review"),
     path("alerts/<int:pk>/snooze/", views.alert_snooze, name="alert_snooze"),
     path("alerts/rules/", views.rule_list, name="rule_list"),
     path("alerts/rules/new/", views.rule_create, name="rule_create"),

@@ -8,7 +8,7 @@ from django.shortcuts import redirect, render
 from django.utils.cache import patch_vary_headers
 from django.views.decorators.http import require_POST
 
-from detection.choices import Role, Severity
+from detection.choices import Role, Severity, Verdict
 from detection.models import Fleet
 from detection.permissions import role_required
 from detection.push import live_push_enabled
@@ -77,6 +77,24 @@ def _act(request, pk: int, do) -> HttpResponse:
 @require_POST
 def alert_acknowledge(request: HttpRequest, pk: int) -> HttpResponse:
     return _act(request, pk, lambda a: services.alert_acknowledge(alert=a, user=request.user))
+
+
+@role_required(Role.REVIEWER)
+@require_POST
+def alert_review(request: HttpRequest, pk: int) -> HttpResponse:
+    """One verdict (form fields verdict, comment) on every anomaly of the alert; errors show on the page
+    (status 400)."""
+    from django.contrib import messages
+
+    alert = _pk_or_404(pk)
+    try:
+        n = services.alert_review(alert=alert, user=request.user, verdict=request.POST.get("verdict", ""),
+                                  comment=request.POST.get("comment", ""))
+    except services.AlertActionError as exc:
+        return _detail(request, alert, error=str(exc), status=400)
+    messages.success(request, f"Marked {n} anomal{'y' if n == 1 else 'ies'} of this alert as "
+                              f"{Verdict(request.POST['verdict']).label.lower()}.")
+    return redirect("alerts:alert_detail", pk=alert.pk)
 
 
 @role_required(Role.REVIEWER)

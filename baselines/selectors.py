@@ -206,7 +206,10 @@ def baseline_version_diff(
 
 
 def proposal_list(*, fleet: Fleet | None = None, status: str = "") -> QuerySet[BaselineProposal]:
-    """Proposals, newest first, optionally of one fleet and status, with everything a list row shows."""
+    """Proposals, newest first, optionally of one fleet and status, with everything a list row shows:
+    active_number is the number of the fleet's active baseline version (None without one), so a row can
+    say that its proposal was made against an earlier one (baselines.services.proposal_staleness)."""
+    active = BaselineVersion.objects.filter(fleet=OuterRef("fleet"), is_active=True).values("number")[:1]
     proposals = BaselineProposal.objects.select_related(
         "fleet",
         "baseline_version",
@@ -214,7 +217,7 @@ def proposal_list(*, fleet: Fleet | None = None, status: str = "") -> QuerySet[B
         "decided_by",
         "result_baseline_version",
         "result_model_version",
-    )
+    ).annotate(active_number=Subquery(active))
     if fleet is not None:
         proposals = proposals.filter(fleet=fleet)
     if status:

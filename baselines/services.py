@@ -33,6 +33,7 @@ from detection.services import (
     audit_record,
     baseline_version_activate,
     baseline_version_create,
+    ids_text,
     pipeline_run_create,
     pipeline_run_execute,
 )
@@ -83,6 +84,18 @@ def _active_version(fleet: Fleet) -> BaselineVersion:
     if version is None:
         raise ProposalError("fleet", f"{fleet.name} has no active baseline version; run the pipeline first")
     return version
+
+
+def proposal_staleness(proposal: BaselineProposal) -> str:
+    """Why proposal can no longer be approved because its fleet's baselines moved on, or "": a proposal
+    is computed from one baseline version's statistics (its evidence, its adjustment); once another
+    version is active, applying it there could count a change twice."""
+    active = BaselineVersion.objects.filter(fleet_id=proposal.fleet_id, is_active=True).first()
+    if active is None or active.pk == proposal.baseline_version_id:
+        return ""
+    made = proposal.baseline_version.number
+    return (f"proposal {proposal.pk} was made against baseline v{made}; v{active.number} is active now: ask for "
+            f"new suggestions, or reject it")
 
 
 def _load_set(version: BaselineVersion) -> engine.BaselineSet:
@@ -160,8 +173,11 @@ def proposals_suggest(*, fleet: Fleet, user=None, actor_label: str = "") -> list
     The rule engine proposes (baselines.engine.suggest_baseline_adjustments); when settings.VIGIL_LLM
     configures an LLM it is asked too, and each of its answers that validate_llm_proposal accepts is
     added (source "llm"). A proposal equal to a pending one (kind, level, group, feature) is skipped.
+    Pending proposals made against an earlier baseline version are rejected first, as superseded (audited;
+    they could no longer be approved).
     Each new proposal is audited (PROPOSAL_CREATED). With the fleet config feedback_auto_apply, those
-    within the tighter auto bounds are approved by the system actor at once. Returns the new proposals.
+    within the tighter auto bounds are approved by the system actor at once and applied together (one
+    baseline version, one retrain). Returns the new proposals.
     Raises ProposalError("fleet") when there is no active baseline version or scored run.
     """
     opts = feedback_settings(fleet)
@@ -184,10 +200,15 @@ def proposals_suggest(*, fleet: Fleet, user=None, actor_label: str = "") -> list
     suggestions += [(fb, ProposalSource.LLM) for fb in _llm_suggestions(
         anomalies, feedback, baselines, levels, opts)]
 
-    pending = {(p.kind, p.level, json.dumps(p.group_key, sort_keys=True, default=str), p.feature)
-               for p in BaselineProposal.objects.filter(fleet=fleet, status=ProposalStatus.PENDING)}
     created: list[BaselineProposal] = []
     with transaction.atomic():
+        # Pending proposals made against an earlier baseline version can no longer be approved
+        # (proposal_staleness); this round replaces them, so they are rejected as superseded.
+        for stale in BaselineProposal.objects.filter(fleet=fleet, status=ProposalStatus.PENDING).exclude(
+                baseline_version=version).select_related("baseline_version"):
+            _supersede(stale, version)
+        pending = {(p.kind, p.level, json.dumps(p.group_key, sort_keys=True, default=str), p.feature)
+                   for p in BaselineProposal.objects.filter(fleet=fleet, status=ProposalStatus.PENDING)}
         for fb, source in suggestions:
             if fb.key() in pending:
                 continue
@@ -200,12 +221,30 @@ def proposals_suggest(*, fleet: Fleet, user=None, actor_label: str = "") -> list
                          fleet=fleet, target=proposal, after=_proposal_state(proposal), reason=fb.reason)
             created.append(proposal)
     if opts["auto_apply"]:
-        for proposal in created:
-            if _within(proposal, baselines, max_shift_mad=float(opts["auto_max_shift_mad"]),
-                       mad_factor_bounds=tuple(opts["auto_mad_factor_bounds"])):
+        auto = [p for p in created if _within(p, baselines, max_shift_mad=float(opts["auto_max_shift_mad"]),
+                                              mad_factor_bounds=tuple(opts["auto_mad_factor_bounds"]))]
+        with transaction.atomic():
+            for proposal in auto:
                 _approve(proposal, user=None, actor_label=SYSTEM_ACTOR,
-                         comment="approved automatically (within the auto bounds)", enqueue=True)
+                         comment="approved automatically (within the auto bounds)", enqueue=False)
+            if auto:  # applied together: one baseline version, one retrain
+                from .tasks import enqueue_apply_chain
+
+                ids = [p.pk for p in auto]
+                transaction.on_commit(lambda: enqueue_apply_chain(ids))
     return created
+
+
+def _supersede(proposal: BaselineProposal, version: BaselineVersion) -> None:
+    """Reject a pending proposal of an earlier baseline version on the system actor's behalf (audited)."""
+    reason = (f"superseded: made against baseline v{proposal.baseline_version.number}, and suggestions were "
+              f"made again on v{version.number}")
+    now = timezone.now()
+    if BaselineProposal.objects.filter(pk=proposal.pk, status=ProposalStatus.PENDING).update(
+            status=ProposalStatus.REJECTED, decided_at=now, decision_comment=reason, updated_at=now) == 1:
+        audit_record(action=AuditAction.PROPOSAL_REJECTED, actor_label=SYSTEM_ACTOR, fleet=proposal.fleet,
+                     target=proposal, before={"status": ProposalStatus.PENDING},
+                     after={"status": ProposalStatus.REJECTED}, reason=reason)
 
 
 def _llm_suggestions(anomalies, feedback, baselines, levels, opts) -> list[engine.BaselineFeedback]:
@@ -328,12 +367,15 @@ def _check_approver(proposal: BaselineProposal, user) -> None:
 def proposal_approve(*, proposal: BaselineProposal, user, comment: str = "", enqueue: bool = True
                      ) -> BaselineProposal:
     """Approve a pending proposal (approver role; with the fleet config feedback_require_distinct_approver,
-    someone other than its proposer). Audited (PROPOSAL_APPROVED); once committed the Celery chain
-    applies it (enqueue=False leaves that to the caller, e.g. to apply several at once). Raises
-    ProposalError("user") or ProposalError("status")."""
+    someone other than its proposer) made against the fleet's active baseline version. Audited
+    (PROPOSAL_APPROVED); once committed the Celery chain applies it (enqueue=False leaves that to the
+    caller, e.g. to apply several at once). Raises ProposalError("user"), ProposalError("status") or
+    ProposalError("baseline_version") (made against a version no longer active: proposal_staleness)."""
     _check_approver(proposal, user)
     if feedback_settings(proposal.fleet)["require_distinct_approver"] and proposal.proposed_by_id == user.pk:
         raise ProposalError("user", "this fleet requires an approver other than the one who proposed it")
+    if proposal.status == ProposalStatus.PENDING and (stale := proposal_staleness(proposal)):
+        raise ProposalError("baseline_version", stale)
     return _approve(proposal, user=user, actor_label="", comment=comment, enqueue=enqueue)
 
 
@@ -357,6 +399,40 @@ def _approve(proposal, *, user, actor_label, comment, enqueue) -> BaselinePropos
             pk = proposal.pk
             transaction.on_commit(lambda: enqueue_apply_chain([pk]))
     return proposal
+
+
+PROPOSALS_DECIDE_MAX = 100
+
+
+def proposals_decide(*, ids: list[int], user, approve: bool, comment: str = "", enqueue: bool = True
+                     ) -> list[BaselineProposal]:
+    """Approve (or reject) several pending proposals of one fleet at once, each as proposal_approve or
+    proposal_reject would (role, same-approver rule, audit), all or none: one transaction, so a refusal
+    leaves every proposal as it was. Approved ones are applied together once committed (proposals_apply:
+    one baseline version, one retrain, one re-score), not one chain each. ids: 1 .. PROPOSALS_DECIDE_MAX
+    proposal ids. Returns the proposals in the order given. Raises ProposalError naming the field:
+    "proposals" (none, too many, unknown ids, several fleets), "user", "status"."""
+    ids = list(dict.fromkeys(ids))
+    if not ids:
+        raise ProposalError("proposals", "select at least one proposal")
+    if len(ids) > PROPOSALS_DECIDE_MAX:
+        raise ProposalError("proposals", f"at most {PROPOSALS_DECIDE_MAX} at a time, got {len(ids)}")
+    found = {p.pk: p for p in BaselineProposal.objects.filter(pk__in=ids).select_related("fleet")}
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise ProposalError("proposals", f"no proposal {ids_text(missing)}")
+    if len({p.fleet_id for p in found.values()}) > 1:
+        raise ProposalError("proposals", "proposals decided together must belong to one fleet")
+    with transaction.atomic():
+        if approve:
+            done = [proposal_approve(proposal=found[i], user=user, comment=comment, enqueue=False) for i in ids]
+            if enqueue:
+                from .tasks import enqueue_apply_chain
+
+                transaction.on_commit(lambda: enqueue_apply_chain(list(ids)))
+        else:
+            done = [proposal_reject(proposal=found[i], user=user, comment=comment) for i in ids]
+    return done
 
 
 def proposal_reject(*, proposal: BaselineProposal, user, comment: str = "") -> BaselineProposal:

@@ -15,6 +15,7 @@ urlpatterns = [
     ),
     path("proposals/", views.proposal_list, name="proposal_list"),
     path("proposals/suggest/", views.proposals_suggest, name="proposals_suggest"),
+    path("proposals/decide/", views.proposals_decide, name="proposals_decide"),
     path("proposals/<int:pk>/", views.proposal_detail, name="proposal_detail"),
     path("proposals/<int:pk>/status/", views.proposal_status, name="proposal_status"),
     path("proposals/<int:pk>/preview/", views.proposal_preview, name="proposal_preview"),

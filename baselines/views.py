@@ -29,6 +29,7 @@ from django_htmx.middleware import HtmxDetails
 from detection.choices import Role
 from detection.models import Fleet
 from detection.permissions import role_required, user_has_role
+from detection.selection import back_url, posted_ids, see_other
 
 from . import selectors, services
 from .choices import ProposalStatus
@@ -236,6 +237,9 @@ def proposal_list(request: HtmxHttpRequest) -> HttpResponse:
         "fleet": fleet,
         "counts": selectors.proposal_status_counts(fleet=fleet),
         "fleets": Fleet.objects.order_by("name").values_list("name", flat=True),
+        # Approvers can select the pending proposals of this page and decide them together.
+        "selectable": user_has_role(request.user, Role.APPROVER)
+        and any(p.status == ProposalStatus.PENDING for p in page.object_list),
     }
     return _render(request, "baselines/proposal_list.html", "baselines/partials/proposal_table.html", context)
 
@@ -267,6 +271,8 @@ def _proposal_page(
         "decision_error": error,
         "decision_form": form or DecisionForm(),
         "decision_block": _decision_block(proposal, request.user),
+        # Made against a baseline version that is no longer active: it can be rejected, not approved.
+        "stale": services.proposal_staleness(proposal) if proposal.status == ProposalStatus.PENDING else "",
         "impact": proposal.impact or None,
         "can_preview": user_has_role(request.user, Role.REVIEWER)
         and proposal.status == ProposalStatus.PENDING,
@@ -333,6 +339,43 @@ def _decide(request: HtmxHttpRequest, pk: int, *, approve: bool) -> HttpResponse
         f"{'; applying it now' if proposal.status == ProposalStatus.APPROVED else ''}.",
     )
     return redirect("baselines:proposal_detail", pk=proposal.pk)
+
+
+@role_required(Role.APPROVER)
+@require_POST
+def proposals_decide(request: HtmxHttpRequest) -> HttpResponse:
+    """Approve or reject the proposals selected on the queue (form fields proposal, repeated; decision:
+    approve or reject; comment; query, the queue's query string) via services.proposals_decide: all or
+    none, and approved ones are applied together. Back to the queue with a message either way."""
+    back = back_url(request, reverse("baselines:proposal_list"))
+    decision = request.POST.get("decision", "")
+    form = DecisionForm(request.POST)
+    try:
+        ids = posted_ids(request, "proposal")
+    except ValueError as exc:
+        messages.error(request, f"proposals: {exc}")
+    else:
+        if decision not in ("approve", "reject"):
+            messages.error(request, f"decision: {decision!r} is not approve or reject")
+        elif not form.is_valid():
+            messages.error(request, "comment: " + "; ".join(form.errors.get("comment", [])))
+        else:
+            try:
+                done = services.proposals_decide(ids=ids, user=request.user, approve=decision == "approve",
+                                                 comment=form.cleaned_data["comment"])
+            except (services.ProposalError, PermissionDenied, ValueError) as exc:
+                messages.error(request, f"Nothing was decided. {_error_message(exc)}")
+            else:
+                n, fleet = len(done), done[0].fleet.name
+                if decision == "reject":
+                    messages.success(request, f"Rejected {n} proposal{'' if n == 1 else 's'} of {fleet}.")
+                elif n == 1:
+                    messages.success(request, f"Approved 1 proposal of {fleet}; applying it now.")
+                else:
+                    messages.success(request, f"Approved {n} proposals of {fleet}; they are applied together "
+                                              f"(one new baseline version, one retrain, one re-score).")
+                return redirect(back)
+    return see_other(back)
 
 
 @role_required(Role.APPROVER)

@@ -94,6 +94,45 @@ class _QueryTimer:
             self.log.append(((time.perf_counter() - start) * 1000, sql))
 
 
+def _bulk_review(name: str, only: str) -> dict:
+    """One verdict on a page of anomalies (50, the list's form) and on 500 (the API's maximum), timed
+    once each over open anomalies of the run: wall milliseconds and queries, the commit hooks included."""
+    from django.contrib.auth import get_user_model
+    from django.contrib.auth.models import Group
+    from django.db import connection
+    from django.test import Client
+
+    from detection.models import AnomalyResult
+    from detection.services import FEEDBACK_BULK_MAX
+
+    if only and only not in "bulk review":
+        return {}
+    reviewer = get_user_model().objects.create_user(f"{name}-bulk-reviewer")
+    reviewer.groups.add(Group.objects.get_or_create(name="reviewer")[0])
+    client = Client()
+    client.force_login(reviewer)
+    open_ids = list(AnomalyResult.objects.filter(fleet__name=name, label=-1, feedback__isnull=True)
+                    .order_by("-timestamp").values_list("pk", flat=True)[:50 + FEEDBACK_BULK_MAX])
+    out = {}
+    for label, ids, send in (
+        ("list form, 50 anomalies", open_ids[:50], lambda ids: client.post(
+            f"/fleets/{name}/anomalies/review/", {"anomaly": ids, "verdict": "false_positive"}, secure=True,
+            headers={"HX-Request": "true"})),
+        (f"API, {FEEDBACK_BULK_MAX} anomalies", open_ids[50:], lambda ids: client.post(
+            "/api/v1/feedback/bulk/", {"anomalies": ids, "verdict": "false_positive"},
+            content_type="application/json", secure=True)),
+    ):
+        queries: list[tuple[float, str]] = []
+        start = time.perf_counter()
+        with connection.execute_wrapper(_QueryTimer(queries)):
+            response = send(ids)
+        ms = (time.perf_counter() - start) * 1000
+        assert response.status_code in (200, 201), (label, response.status_code, response.content[:300])
+        out[label] = {"ms": round(ms, 1), "queries": len(queries)}
+        print(f"  bulk review, {label:27s} {ms:7.1f} ms  {len(queries):4d} queries")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--anomalies", type=int, default=100_000)
@@ -172,6 +211,7 @@ def main() -> None:
         if args.slow_queries:
             for ms, sql in sorted(queries, reverse=True)[:3]:
                 print(f"      {ms:7.1f} ms  {sql[:300]}")
+    report["bulk_review"] = _bulk_review(name, args.only)
     fleet_delete(fleet=Fleet.objects.get(name=name))
     get_user_model().objects.filter(username__startswith=name).delete()
     if args.json_path:

@@ -88,5 +88,6 @@ class AuditAction(models.TextChoices):
     ALERT_ACKNOWLEDGED = "alert_acknowledged", "Alert acknowledged"
     ALERT_RESOLVED = "alert_resolved", "Alert resolved"
     ALERT_SNOOZED = "alert_snoozed", "Alert snoozed"
+    ALERT_REVIEWED = "alert_reviewed", "Alert's anomalies reviewed"
     ALERT_RULE_CHANGED = "alert_rule_changed", "Alert rule changed"
     FLEET_TUNED = "fleet_tuned", "Detection settings tuned"

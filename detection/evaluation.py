@@ -50,6 +50,7 @@ from .ml.nab import (
     streaming_rank,
     streaming_top_rank,
     suppress_repeats,
+    window_bounds,
 )
 from .ml.pipeline import PipelineConfig, StageError, TrainingWindow, run_core
 from .models import AnomalyResult, Fleet, PipelineRun
@@ -348,6 +349,7 @@ def evaluate_nab(*, path: Path | str, results_dir: Path | str | None = None, kee
         suppress_rows = nab_suppress_rows(detection["algorithm"])
         frame = load_telemetry_frame(fleet)
         truth = load_ground_truth(fleet)
+        _check_nab_windows(frame, truth)
         series, raw_series, per_file, timings, warnings = [], [], {}, {}, {}
         for device_id, idx in frame.groupby("device_id", sort=False).indices.items():
             rows = frame.iloc[idx].reset_index(drop=True)
@@ -400,6 +402,19 @@ def evaluate_nab(*, path: Path | str, results_dir: Path | str | None = None, kee
     finally:
         if not keep:
             fleet_delete(fleet=fleet)
+
+
+def _check_nab_windows(frame: pd.DataFrame, truth: pd.DataFrame) -> None:
+    """Raise EvaluationError naming the file when a file's windows cannot be scored (one ending
+    before it starts, two sharing a row: detection.ml.nab.window_bounds), before any detector runs."""
+    for device_id, idx in frame.groupby("device_id", sort=False).indices.items():
+        own = truth[truth["device_id"] == device_id]
+        if own.empty:
+            continue
+        try:
+            window_bounds(frame["timestamp"].iloc[idx], list(zip(own["start"], own["end"])))
+        except NabError as exc:
+            raise EvaluationError(f"{frame['external_id'].iat[idx[0]]}: {exc} (labels/combined_windows.json)") from None
 
 
 def nab_calibrated(raw, probation: int, calibration: str, suppress_rows: int, *,

@@ -98,15 +98,19 @@ def anomaly_list(
     run = run or latest_scored_run(fleet=fleet)
     if run is None:
         return AnomalyResult.objects.none()
-    feedback = AnomalyFeedback.objects.filter(anomaly=OuterRef("pk"))
     return (
-        AnomalyResult.objects.filter(fleet=fleet, run=run, label=Label.ANOMALY)
+        with_verdict_counts(AnomalyResult.objects.filter(fleet=fleet, run=run, label=Label.ANOMALY))
         .select_related("device", "model_version", "baseline_version")
-        .annotate(n_true_positive=_count(feedback.filter(verdict=Verdict.TRUE_POSITIVE), "anomaly"),
-                  n_false_positive=_count(feedback.filter(verdict=Verdict.FALSE_POSITIVE), "anomaly"),
-                  n_not_sure=_count(feedback.filter(verdict=Verdict.NOT_SURE), "anomaly"))
         .order_by(*ANOMALY_SORTS.get(sort, ANOMALY_SORTS[DEFAULT_ANOMALY_SORT]))
     )
+
+
+def with_verdict_counts(results: QuerySet[AnomalyResult]) -> QuerySet[AnomalyResult]:
+    """results annotated with n_true_positive, n_false_positive and n_not_sure: its reviewers' current verdicts."""
+    feedback = AnomalyFeedback.objects.filter(anomaly=OuterRef("pk"))
+    return results.annotate(n_true_positive=_count(feedback.filter(verdict=Verdict.TRUE_POSITIVE), "anomaly"),
+                            n_false_positive=_count(feedback.filter(verdict=Verdict.FALSE_POSITIVE), "anomaly"),
+                            n_not_sure=_count(feedback.filter(verdict=Verdict.NOT_SURE), "anomaly"))
 
 
 def anomalies_in_order(*, queryset: QuerySet[AnomalyResult], ids: list[int]) -> list[AnomalyResult]:
@@ -118,6 +122,15 @@ def anomalies_in_order(*, queryset: QuerySet[AnomalyResult], ids: list[int]) -> 
     """
     rows = {row.pk: row for row in queryset.filter(pk__in=ids).order_by()}
     return [rows[pk] for pk in ids if pk in rows]
+
+
+def results_by_id(*, ids: list[int], fleet: Fleet | None = None) -> dict[int, AnomalyResult]:
+    """{id: scored result} of the results among ids (any run, any label), of fleet when given, with
+    fleet and device loaded; ids of no result (or of another fleet) are left out."""
+    rows = AnomalyResult.objects.filter(pk__in=set(ids)).select_related("fleet", "device")
+    if fleet is not None:
+        rows = rows.filter(fleet=fleet)
+    return {row.pk: row for row in rows}
 
 
 def device_facets(*, fleet: Fleet) -> dict[str, list[tuple[str, str]]]:

@@ -429,6 +429,51 @@ def feedback_give(*, anomaly: AnomalyResult, user, verdict: str, comment: str = 
     return feedback
 
 
+FEEDBACK_BULK_MAX = 500
+
+
+def feedback_give_many(*, anomalies, user, verdict: str, comment: str = "") -> list[AnomalyFeedback]:
+    """Record one verdict on several anomalies at once (a reviewer's selection on the anomaly list, or
+    the anomalies of one alert), each as feedback_give would: one current verdict per (anomaly, user).
+
+    anomalies: 1 .. FEEDBACK_BULK_MAX AnomalyResult rows (label -1). All or nothing: every row is
+    checked before any is written, and the writes share one transaction, so a failure leaves no
+    verdict of the batch behind. Returns the feedback rows in the order given. Raises FeedbackError
+    naming the field: "anomalies" (none, too many, or results that are not anomalies, by id),
+    "verdict", "comment".
+    """
+    anomalies = list(dict.fromkeys(anomalies))  # a result named twice is reviewed once
+    if not anomalies:
+        raise FeedbackError("anomalies", "select at least one anomaly")
+    if len(anomalies) > FEEDBACK_BULK_MAX:
+        raise FeedbackError("anomalies", f"at most {FEEDBACK_BULK_MAX} at a time, got {len(anomalies)}")
+    normal = [a.pk for a in anomalies if a.label != Label.ANOMALY]
+    if normal:
+        raise FeedbackError("anomalies",
+                            f"result(s) {ids_text(normal)} are not anomalies; only anomalies take feedback")
+    with transaction.atomic():
+        return [feedback_give(anomaly=a, user=user, verdict=verdict, comment=comment) for a in anomalies]
+
+
+def feedback_give_many_by_id(*, ids: list[int], user, verdict: str, comment: str = "",
+                             fleet: Fleet | None = None) -> list[AnomalyFeedback]:
+    """feedback_give_many on the results with these ids (of fleet, when given). Raises FeedbackError
+    ("anomalies") naming the ids that are no result (of that fleet), and as feedback_give_many."""
+    from .selectors import results_by_id
+
+    found = results_by_id(ids=ids, fleet=fleet)
+    missing = [i for i in dict.fromkeys(ids) if i not in found]
+    if missing:
+        where = f" in fleet {fleet.name}" if fleet else ""
+        raise FeedbackError("anomalies", f"no result {ids_text(missing)}{where}")
+    return feedback_give_many(anomalies=[found[i] for i in ids], user=user, verdict=verdict, comment=comment)
+
+
+def ids_text(ids: list[int], shown: int = 10) -> str:
+    """Ids for a message: the first `shown`, comma-separated, then " ..." when there are more."""
+    return ", ".join(map(str, ids[:shown])) + (" ..." if len(ids) > shown else "")
+
+
 class ModelVersionError(Exception):
     """A promotion or rollback that cannot happen; field names what is at fault. Nothing changed."""
 

@@ -15,6 +15,7 @@ urlpatterns = [
     path("fleets/<slug:name>/runs/", views.run_list, name="fleet_run_list"),
     path("fleets/<slug:name>/runs/start/", views.run_start, name="run_start"),
     path("fleets/<slug:name>/anomalies/", views.anomaly_list, name="anomaly_list"),
+    path("fleets/<slug:name>/anomalies/review/", views.anomaly_feedback_bulk, name="anomaly_feedback_bulk"),
     path("fleets/<slug:name>/devices/", views.device_list, name="device_list"),
     path("fleets/<slug:name>/models/", views.model_version_list, name="model_versions"),
     path("fleets/<slug:name>/models/rollback/", views.model_version_rollback, name="model_version_rollback"),

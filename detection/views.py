@@ -20,7 +20,7 @@ from django.templatetags.static import static
 from django.urls import reverse
 from django.utils.cache import patch_vary_headers
 from django.views.decorators.http import require_POST
-from django_htmx.http import HTMX_STOP_POLLING
+from django_htmx.http import HTMX_STOP_POLLING, HttpResponseLocation
 from django_htmx.middleware import HtmxDetails
 
 from . import selectors, services
@@ -28,6 +28,7 @@ from .choices import ModelStatus, Role, Trigger, Verdict
 from .filters import AnomalyResultFilterSet, DeviceFilterSet
 from .models import Fleet, ModelVersion
 from .permissions import role_required
+from .selection import back_url, posted_ids, see_other
 
 RUNS_PER_PAGE = 25
 ANOMALIES_PER_PAGE = 50
@@ -129,6 +130,45 @@ def anomaly_list(request: HtmxHttpRequest, name: str) -> HttpResponse:
     response = render(request, template, context)
     patch_vary_headers(response, ("HX-Request",))
     return response
+
+
+@role_required(Role.REVIEWER)
+@require_POST
+def anomaly_feedback_bulk(request: HtmxHttpRequest, name: str) -> HttpResponse:
+    """One verdict on the anomalies selected on the list (form fields anomaly, repeated; verdict; comment;
+    query, the list's query string to go back to), via services.feedback_give_many: all or none.
+
+    Done: the list is shown again with a message (htmx: HX-Location swaps the table; else a redirect).
+    A bad value (no selection, an id outside the fleet or not an anomaly, an unknown verdict) answers the
+    message alone, for the form's status line (status 200: htmx swaps only 2xx); without htmx, back to the
+    list with the message. Nothing is saved then.
+    """
+    from django.contrib import messages
+
+    fleet = _fleet_or_404(name)
+    back = back_url(request, reverse("detection:anomaly_list", args=[fleet.name]))
+    try:
+        ids = posted_ids(request, "anomaly")
+    except ValueError as exc:
+        error = f"anomalies: {exc}"
+    else:
+        try:
+            done = services.feedback_give_many_by_id(ids=ids, fleet=fleet, user=request.user,
+                                                     verdict=request.POST.get("verdict", ""),
+                                                     comment=request.POST.get("comment", ""))
+        except services.FeedbackError as exc:
+            error = str(exc)
+        else:
+            label = Verdict(done[0].verdict).label.lower()
+            noun = "anomaly" if len(done) == 1 else "anomalies"
+            messages.success(request, f"Marked {len(done)} {noun} as {label}.")
+            if request.htmx:
+                return HttpResponseLocation(back, target="#anomaly-table", swap="outerHTML")
+            return redirect(back)
+    if request.htmx:
+        return render(request, "detection/partials/bulk_review_status.html", {"error": error})
+    messages.error(request, error)
+    return see_other(back)
 
 
 @role_required(Role.VIEWER)

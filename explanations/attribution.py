@@ -9,7 +9,10 @@ Four methods, tried in this order; Attribution.method says which one was used:
   row against its device's earlier rows: windowed_gaussian, nn_novelty, lstm_ae..., or an ensemble
   holding one) on data with at most MAX_CONTEXT_METRICS metrics: every coalition is scored by replaying
   the device's rows, so base + contributions is the stored score. Kernel SHAP scores each perturbed row
-  on its own and cannot do that.
+  on its own and cannot do that. An ensemble whose only sequential part is its alarm persistence (its
+  members score rows one at a time, as SKAB's do: the score is a median of the last k rows' fused
+  scores) needs no replay: a metric left out takes its typical value in each of those k rows, and the
+  2 ** metrics x k rows are fused in one batch, so it takes up to MAX_PERSISTENCE_METRICS metrics.
 - ``kernel_shap``: Kernel SHAP (``shap.KernelExplainer``) on a small background sample, for any detector
   with ``score_samples`` but no forest. (shap's permutation explainer would do too, but its first call
   compiles with numba for several seconds.)
@@ -41,6 +44,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+
+from .rows import with_members
 
 EULER_GAMMA = 0.5772156649015329
 METHOD_LABELS = {
@@ -335,34 +340,69 @@ MAX_CONTEXT_METRICS = 6  # 2 ** 6 = 64 scorings of the device's rows per anomaly
 # 2 ms, lstm_ae 26 ms, the ensemble with persistence 34 ms, nn_novelty 73 ms (its search grows with
 # the square of the rows). Beyond it Kernel SHAP is used.
 MAX_CONTEXT_WORK = 60_000
-
-
-def _with_members(detector) -> list:
-    """The detector and, for an ensemble, its fitted members."""
-    return [detector, *(getattr(detector, "members_", None) or {}).values()]
+# An ensemble whose only sequential part is its alarm persistence (row-wise members, e.g. SKAB's hybrid,
+# robust_z and lof with a median over 20 rows) fuses each coalition's k rows in one batch, no replay:
+# 2 ** 8 coalitions x 20 rows = 5,120 rows (SKAB), 2 ** 10 x 20 = 20,480 rows.
+MAX_PERSISTENCE_METRICS = 10
 
 
 def is_sequential(detector) -> bool:
     """True when the detector, or one of its ensemble members, reads each device's rows as a series
     (detection.ml.statistical._SequentialDetector and the deep detectors keep per-device pasts_), so
     that a row's score depends on the device's earlier rows."""
-    return any(getattr(d, "pasts_", None) is not None for d in _with_members(detector))
+    return any(getattr(d, "pasts_", None) is not None for d in with_members(detector))
 
 
 def head_label(detector, device) -> object | None:
     """The index label the pipeline's frame gave `device`'s first training row (a sequential detector
     scores a device block that starts with it as the device's whole series), or None when the
     detector never saw the device."""
-    for d in _with_members(detector):
+    for d in with_members(detector):
         past = (getattr(d, "pasts_", None) or {}).get(device)
         if past is not None:  # a _DevicePast, or the ensemble's (label, head, tail)
             return past.label if hasattr(past, "label") else past[0]
     return None
 
 
+def persistence_only(detector) -> bool:
+    """True for an ensemble whose only sequential part is its alarm persistence (config.ensemble_smooth_rows
+    k > 1, per-device pasts kept) and whose members each score a row on its own (none keeps pasts_):
+    a row's score is then the median (or mean) of its own fused score and the k - 1 before it
+    (suite.EnsembleDetector.score_samples), which needs no replay of the device's rows."""
+    members = with_members(detector)[1:]
+    return bool(members) and getattr(detector, "pasts_", None) is not None \
+        and detector.config.ensemble_smooth_rows > 1 \
+        and not any(getattr(m, "pasts_", None) is not None for m in members)
+
+
+def context_metric_limit(detector) -> int:
+    """How many metrics attribute_in_context takes for this detector: MAX_PERSISTENCE_METRICS for an
+    ensemble whose only sequential part is alarm persistence (persistence_only), else MAX_CONTEXT_METRICS."""
+    return MAX_PERSISTENCE_METRICS if persistence_only(detector) else MAX_CONTEXT_METRICS
+
+
+def _persistence_values(detector, frame: pd.DataFrame, left_out: np.ndarray, typical: np.ndarray,
+                        column_at: list[int]) -> np.ndarray:
+    """v(S) of every coalition for a persistence_only ensemble, whose score of the last row is the median
+    (or mean) of the fused scores of the last k rows (config.ensemble_smooth_rows; fewer at a device's
+    start), as score_samples smooths a device block that starts with its training head. A coalition
+    sets the columns of its left-out metrics (left_out: coalitions x columns, bool) to their typical
+    values in each of those k rows, the window the alarm is decided on; all coalitions' rows are fused
+    in one batch. Returns one value per coalition."""
+    k, statistic = detector.config.ensemble_smooth_rows, detector.config.ensemble_smooth
+    window = frame.iloc[-k:]
+    batch = pd.concat([window] * len(left_out), ignore_index=True)
+    values = np.tile(window.iloc[:, column_at].to_numpy(dtype="float64"), (len(left_out), 1))
+    replace = np.repeat(left_out, len(window), axis=0)
+    values = np.where(replace, typical[None, :], values)
+    batch.iloc[:, column_at] = values
+    fused = detector.fused_scores(batch).reshape(len(left_out), len(window))
+    return np.median(fused, axis=1) if statistic == "median" else fused.mean(axis=1)
+
+
 def attribute_in_context(detector, sequence: pd.DataFrame, *, feature_metric: dict[str, str],
                          metric_domain: dict[str, str], levels=(), reference: pd.Series | None = None,
-                         max_metrics: int = MAX_CONTEXT_METRICS, max_work: int = MAX_CONTEXT_WORK) -> Attribution:
+                         max_metrics: int | None = None, max_work: int = MAX_CONTEXT_WORK) -> Attribution:
     """Exact Shapley values (Shapley 1953; the attribution SHAP approximates) over the metrics of a
     sequential detector's score of one row, scored after its device's earlier rows.
 
@@ -373,11 +413,17 @@ def attribute_in_context(detector, sequence: pd.DataFrame, *, feature_metric: di
         median of the device's earlier rows, its typical state).
     The players are the metrics (all columns of a metric join or leave together): v(S) is the score of
     the last row with the columns of the metrics outside S set to their reference values, the earlier
-    rows unchanged. Cost: 2 ** metrics scorings of the sequence. base_value = v(no metric), output_value
+    rows unchanged. Cost: 2 ** metrics scorings of the sequence. For an ensemble whose only sequential
+    part is alarm persistence (persistence_only) the row's score is a median over its last k rows' fused
+    scores, which one row's values rarely move: there the left-out metrics take their reference values
+    in each of those k rows (the window the alarm is decided on), and the 2 ** metrics x k rows are
+    fused in one batch, after a check that v(all metrics) is the score of the whole sequence (else
+    AttributionError). base_value = v(no metric), output_value
     = v(all metrics) = the detector's score of the row; efficiency makes base + contributions equal it
     exactly. features holds one entry per metric (its contribution; value: the metric's plain column
-    when it is an input). Raises AttributionError for more than max_metrics metrics, for more than
-    max_work rows to score (2 ** metrics x the sequence's rows) or an empty sequence.
+    when it is an input). Raises AttributionError for more than max_metrics metrics (default
+    context_metric_limit(detector)), for more than max_work rows to score (2 ** metrics x the
+    sequence's rows; 2 ** metrics x k for persistence_only) or an empty sequence.
     """
     from math import factorial
 
@@ -388,12 +434,15 @@ def attribute_in_context(detector, sequence: pd.DataFrame, *, feature_metric: di
         raise AttributionError("no row to attribute")
     meta = _column_meta(columns, levels, feature_metric, metric_domain)
     metrics = list(dict.fromkeys(m[2] for m in meta))
+    max_metrics = context_metric_limit(detector) if max_metrics is None else max_metrics
     if len(metrics) > max_metrics:
         raise AttributionError(f"{len(metrics)} metrics: exact Shapley values in context take 2 ** "
                                f"{len(metrics)} scorings (at most {max_metrics} metrics)")
-    if 2 ** len(metrics) * len(sequence) > max_work:
-        raise AttributionError(f"{2 ** len(metrics)} coalitions x {len(sequence)} rows is more than {max_work} "
-                               f"rows to score")
+    windowed = persistence_only(detector)  # the alarm-persistence window is the unit, not the last row
+    rows_per_coalition = min(len(sequence), detector.config.ensemble_smooth_rows) if windowed else len(sequence)
+    if 2 ** len(metrics) * rows_per_coalition > max_work:
+        raise AttributionError(f"{2 ** len(metrics)} coalitions x {rows_per_coalition} rows is more than "
+                               f"{max_work} rows to score")
     earlier, last = sequence[columns].iloc[:-1], sequence[columns].iloc[-1]
     if reference is None:
         reference = earlier.median() if len(earlier) else last
@@ -402,15 +451,23 @@ def attribute_in_context(detector, sequence: pd.DataFrame, *, feature_metric: di
     n = len(metrics)
     frame = sequence.copy()
     column_at = [frame.columns.get_loc(c) for c in columns]
-    value = np.empty(2 ** n)
     actual, typical = last.to_numpy(dtype="float64"), reference.to_numpy(dtype="float64")
+    left_out = np.zeros((2 ** n, len(columns)), dtype=bool)
     for mask in range(2 ** n):
-        current = actual.copy()
         for k, m in enumerate(metrics):
             if not mask >> k & 1:
-                current[positions[m]] = typical[positions[m]]
-        frame.iloc[-1, column_at] = current
-        value[mask] = float(detector.score_samples(frame)[-1])
+                left_out[mask, positions[m]] = True
+    if windowed:
+        value = _persistence_values(detector, frame, left_out, typical, column_at)
+        whole = float(detector.score_samples(frame)[-1])
+        if abs(value[-1] - whole) > 1e-9 * max(1.0, abs(whole)):  # not scored as a block from its head
+            raise AttributionError(f"the row's score ({whole:.6g}) is not the smoothed fused score of its last "
+                                   f"{rows_per_coalition} rows ({value[-1]:.6g})")
+    else:
+        value = np.empty(2 ** n)
+        for mask in range(2 ** n):
+            frame.iloc[-1, column_at] = np.where(left_out[mask], typical, actual)
+            value[mask] = float(detector.score_samples(frame)[-1])
     phi = np.zeros(n)
     weights = [factorial(size) * factorial(n - size - 1) / factorial(n) for size in range(n)]
     for mask in range(2 ** n):
@@ -427,7 +484,9 @@ def attribute_in_context(detector, sequence: pd.DataFrame, *, feature_metric: di
         features.append(FeatureContribution(plain, m, m, domain[m], None, _num(last[plain]), float(phi[k])))
     error = abs(base + float(phi.sum()) - output)
     return _finish("context_shap", f"exact Shapley values over {n} metric(s), each row scored after its "
-                   f"device's {len(earlier)} earlier rows; a metric left out takes its median over them",
+                   f"device's {len(earlier)} earlier rows; a metric left out takes its median over them"
+                   + (f", in each of the last {rows_per_coalition} rows, whose smoothed score raises the alarm "
+                      f"(alarm persistence)" if windowed else ""),
                    base, output, features,
                    {"checked": True, "ok": bool(error <= 1e-9 * max(1.0, abs(output))), "tolerance": 1e-9,
                     "native_error": error, "score_error": error, "native_units": "anomaly score"}, {})

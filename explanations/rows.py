@@ -58,9 +58,17 @@ def history_margin(config) -> pd.Timedelta:
     return 2 * window + lag * 1.25 + pd.Timedelta(config.features.cohort_bucket)
 
 
+def with_members(detector) -> list:
+    """The detector and, for an ensemble, its fitted members (members_), in that order."""
+    return [detector, *(getattr(detector, "members_", None) or {}).values()]
+
+
 def detector_columns(detector) -> list[str]:
-    """The columns a fitted detector reads: ``features_`` then ``temporal_features_`` (hybrid only)."""
-    return list(dict.fromkeys([*detector.features_, *getattr(detector, "temporal_features_", [])]))
+    """The columns a fitted detector reads: ``features_`` then ``temporal_features_`` (hybrid only), of
+    the detector and, for an ensemble, of each fitted member (a hybrid member reads its temporal
+    features, which the ensemble's own ``features_`` do not list)."""
+    return list(dict.fromkeys(c for d in with_members(detector)
+                              for c in [*d.features_, *getattr(d, "temporal_features_", [])]))
 
 
 _Z_COLUMN = re.compile(r"^(?P<feature>.+)_z_(?P<level>[a-z]+)$")

@@ -32,13 +32,13 @@ from detection.ml.artifacts import ArtifactError, load_artifact
 from detection.models import AnomalyResult, Device, PipelineRun
 
 from .attribution import (
-    MAX_CONTEXT_METRICS,
     Attribution,
     AttributionError,
     attribute_in_context,
     attribute_kernel,
     attribute_robust_z,
     attribute_tree,
+    context_metric_limit,
     head_label,
     is_sequential,
     supports_tree_shap,
@@ -226,7 +226,7 @@ def explanation_run_generate(*, run: PipelineRun, provider: str | None = None, r
         if progress:
             progress(done, total, label)
     explanations = [made.get(a.pk) or existing[a.pk] for a in anomalies]
-    return RunExplanations(run, explanations, len(made), len(existing), time.perf_counter() - started)
+    return RunExplanations(run, explanations, len(made), len(anomalies) - len(todo), time.perf_counter() - started)
 
 
 def _cohort_groups(anomalies: list[AnomalyResult]) -> Iterable[tuple[str, list[AnomalyResult]]]:
@@ -322,10 +322,24 @@ def _attribute(anomalies: list[AnomalyResult], context: _RunContext, *, cohort_b
     """{anomaly id: Attribution} for the anomalies whose rows could be rebuilt, and why the others could not."""
     if context.error:
         return {}, context.error
+    # An ensemble drops a member that fails to score (suite.EnsembleDetector.component_scores). The
+    # detector is cached across explanations (_load_artifact), so a failure on rebuilt rows must not
+    # leave it without the member for the next anomaly: its members are put back afterwards.
+    members = dict(getattr(context.detector, "members_", None) or {})
+    excluded = dict(getattr(context.detector, "excluded_", None) or {})
+    try:
+        return _attribute_rows(anomalies, context, cohort_bulk=cohort_bulk)
+    finally:
+        if members:
+            context.detector.members_, context.detector.excluded_ = members, excluded
+
+
+def _attribute_rows(anomalies: list[AnomalyResult], context: _RunContext, *, cohort_bulk: bool
+                    ) -> tuple[dict[int, Attribution], str]:
     detector, config, baselines = context.detector, context.config, context.baselines
     tree = supports_tree_shap(detector)
     fleet = anomalies[0].run.fleet
-    if not tree and is_sequential(detector) and len(fleet.metric_names) <= MAX_CONTEXT_METRICS:
+    if not tree and is_sequential(detector) and len(fleet.metric_names) <= context_metric_limit(detector):
         in_context = _attribute_in_context(anomalies, context)
         if in_context is not None:
             return in_context

@@ -77,6 +77,9 @@ def test_anomalies_of_one_device_and_domain_within_window_join_one_alert(world, 
     alert = Alert.objects.get(pk=first[0].pk)
     assert (alert.count, alert.first_seen, alert.last_seen) == (3, T0, T0 + dt.timedelta(minutes=80))
     assert alert.scope == AlertScope.DEVICE and alert.domain == "battery"
+    assert list(alert.events.order_by("pk").values_list("message", flat=True)) == [
+        "2 anomalies, severity high", "1 more anomaly (now 3)"]
+    assert later[0].events.get().message == "1 anomaly, severity high"
 
 
 def test_ingest_is_idempotent_and_skips_rescored_moments(world):

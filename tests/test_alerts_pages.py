@@ -126,6 +126,32 @@ def test_reviewer_acknowledges_snoozes_and_resolves(client, alert):
     assert client.get(reverse("alerts:alert_acknowledge", args=[alert.pk])).status_code == 405
 
 
+def test_reviewer_marks_every_anomaly_of_an_alert_at_once(client, alert, django_capture_on_commit_callbacks):
+    from detection.models import AnomalyFeedback
+
+    login(client, "viewer")
+    assert b'class="alert-review"' not in client.get(detail(alert)).content
+    assert client.post(reverse("alerts:alert_review", args=[alert.pk]), {"verdict": "false_positive"}).status_code == 403
+    user = login(client, "reviewer")
+    assert b'class="alert-review"' in client.get(detail(alert)).content
+    bad = client.post(reverse("alerts:alert_review", args=[alert.pk]), {"verdict": "maybe"})
+    assert bad.status_code == 400 and b"verdict: &#x27;maybe&#x27; is not one of" in bad.content
+    assert not AnomalyFeedback.objects.exists()
+    with django_capture_on_commit_callbacks(execute=True):
+        done = client.post(reverse("alerts:alert_review", args=[alert.pk]),
+                           {"verdict": "false_positive", "comment": "scanner left in the cold room"})
+    assert done.status_code == 302
+    assert set(AnomalyFeedback.objects.values_list("anomaly_id", "user_id", "verdict")) == {
+        (a.pk, user.pk, "false_positive") for a in alert.anomalies.all()}
+    alert.refresh_from_db()
+    assert alert.status == AlertStatus.SUPPRESSED  # all false positives: alerts_on_feedback suppresses it
+    page = client.get(detail(alert)).content.decode()
+    assert "Marked 3 anomalies of this alert as false positive." in page
+    assert "3 anomalies marked false positive: scanner left in the cold room" in page  # the timeline
+    assert page.count("0 TP · 1 FP · 0 ?") == 3  # each listed anomaly shows its verdicts
+    assert AuditEvent.objects.filter(action="alert_reviewed", target_id=str(alert.pk)).count() == 1
+
+
 # --- rules ---------------------------------------------------------------------------------------------
 
 RULE = {"fleet": "demo", "name": "night shift", "enabled": "on", "min_severity": "high", "email_to": "a@example.com",
@@ -187,6 +213,9 @@ def test_model_health_page_shows_drift_rate_and_triggers(client, alert):
     assert "battery_level" in content and "0.610" in content and "3 of 11 features drifting" in content
     assert page.context["summary"]["drift"] == "drift" and "drift" in [t.kind for t in page.context["triggers"]]
     assert 'id="health-charts"' in content
+    # A fleet page: the navigation's Alerts item is not the current page here, as it is on the alert list.
+    assert 'aria-current="page">Alerts' not in content
+    assert 'aria-current="page">Alerts' in client.get(reverse("alerts:alert_list")).content.decode()
     assert client.get(reverse("alerts:model_health", args=["nope"])).status_code == 404
 
 

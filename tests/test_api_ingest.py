@@ -194,6 +194,43 @@ def test_outsider_and_viewer_cannot_give_feedback():
     assert AnomalyFeedback.objects.count() == 0
 
 
+def test_reviewer_gives_one_verdict_on_several_anomalies_at_once():
+    first = AnomalyResultFactory()
+    others = AnomalyResultFactory.create_batch(2, fleet=first.fleet, run=first.run, model_version=first.model_version)
+    ids = [first.pk, *(a.pk for a in others)]
+    client = _client("reviewer")
+    response = client.post("/api/v1/feedback/bulk/", {"anomalies": [*ids, first.pk], "verdict": "false_positive",
+                                                      "comment": "planned maintenance"}, format="json")
+    assert response.status_code == 201, response.json()
+    assert [row["anomaly"] for row in response.json()] == ids  # a repeated id is reviewed once
+    assert {row["verdict"] for row in response.json()} == {"false_positive"}
+    assert set(AnomalyFeedback.objects.values_list("anomaly_id", "comment")) == {(i, "planned maintenance") for i in ids}
+
+
+def test_bulk_feedback_is_all_or_none_and_names_the_ids_at_fault():
+    anomaly = AnomalyResultFactory()
+    normal = AnomalyResultFactory(label=Label.NORMAL, fleet=anomaly.fleet)
+    client = _client("reviewer")
+
+    def refused(body):
+        response = client.post("/api/v1/feedback/bulk/", body, format="json")
+        assert response.status_code == 400
+        return response.json()
+
+    assert f"result(s) {normal.pk} are not anomalies" in refused(
+        {"anomalies": [anomaly.pk, normal.pk], "verdict": "true_positive"})["anomalies"][0]
+    assert "no result 999999999" in refused({"anomalies": [anomaly.pk, 999999999], "verdict": "true_positive"})[
+        "anomalies"][0]
+    assert "anomalies" in refused({"anomalies": [], "verdict": "true_positive"})
+    assert "anomalies" in refused({"anomalies": list(range(1, 502)), "verdict": "true_positive"})
+    assert "anomalies" in refused({"anomalies": ["x"], "verdict": "true_positive"})
+    assert "verdict" in refused({"anomalies": [anomaly.pk], "verdict": "maybe"})
+    assert AnomalyFeedback.objects.count() == 0
+    assert _client("viewer").post("/api/v1/feedback/bulk/", {"anomalies": [anomaly.pk], "verdict": "not_sure"},
+                                  format="json").status_code == 403
+    assert AnomalyFeedback.objects.count() == 0
+
+
 # --- throttling ------------------------------------------------------------------------------------
 
 @pytest.fixture

@@ -149,6 +149,36 @@ def test_approve_sets_approved_and_audits(approver, crafted, django_capture_on_c
     assert (event.actor_label, event.target_id, event.reason) == ("approver", str(pending.pk), "ok")
 
 
+def test_several_proposals_are_decided_in_one_call_and_applied_by_one_chain(approver, crafted, monkeypatch,
+                                                                             django_capture_on_commit_callbacks):
+    fleet, _, v2, pending = crafted
+    second = BaselineProposal.objects.create(fleet=fleet, baseline_version=v2, kind="contamination", level="model",
+                                             feature="contamination", adjustment=0.02, reason="test", evidence={})
+    chains = []
+    monkeypatch.setattr("baselines.tasks.enqueue_apply_chain", chains.append)
+    with django_capture_on_commit_callbacks(execute=True):
+        response = approver.post("/api/v1/proposals/decide/", {"proposals": [pending.pk, second.pk],
+                                                               "decision": "approve", "comment": "both"}, format="json")
+    assert response.status_code == 200, response.json()
+    assert [(p["id"], p["status"]) for p in response.json()] == [(pending.pk, "approved"), (second.pk, "approved")]
+    assert chains == [[pending.pk, second.pk]]  # one chain for both: one baseline version, one retrain
+    again = approver.post("/api/v1/proposals/decide/", {"proposals": [second.pk], "decision": "reject"}, format="json")
+    assert again.status_code == 409 and "status" in again.json()
+    assert approver.post("/api/v1/proposals/decide/", {"proposals": [second.pk], "decision": "maybe"},
+                         format="json").json().keys() == {"decision"}
+    assert approver.post("/api/v1/proposals/decide/", {"proposals": [], "decision": "reject"},
+                         format="json").status_code == 400
+
+
+def test_approving_a_proposal_of_an_earlier_version_is_a_400_naming_baseline_version(approver, crafted):
+    fleet, v1, _, _ = crafted
+    old = BaselineProposal.objects.create(fleet=fleet, baseline_version=v1, kind="contamination", level="model",
+                                          feature="contamination", adjustment=0.02, reason="t", evidence={})
+    response = approver.post(f"/api/v1/proposals/{old.pk}/approve/", {}, format="json")
+    assert response.status_code == 400 and "v2 is active now" in response.json()["baseline_version"][0]
+    assert approver.post(f"/api/v1/proposals/{old.pk}/reject/", {}, format="json").status_code == 200
+
+
 def test_same_approver_rule_is_a_403_naming_user(crafted):
     fleet, _, _, pending = crafted
     fleet.config = {"feedback_require_distinct_approver": True}

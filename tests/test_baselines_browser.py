@@ -19,6 +19,7 @@ from baselines.choices import ProposalKind, ProposalStatus
 from baselines.models import BaselineProposal, BaselineVersion
 from detection.models import AuditEvent
 from detection.services import audit_record
+from tests.browsing import signed_in
 from tests.factories import BaselineVersionFactory, FleetFactory, user_with_role
 from tests.test_baselines_pages import COHORT_A, COHORT_B, _stats, with_artifact
 
@@ -157,13 +158,7 @@ def test_approver_reviews_baselines_rolls_back_rejects_and_exports_the_audit_log
     expect = pytest.importorskip("playwright.sync_api").expect
     fleet, v1, v2, proposal = loop_data
     user_with_role("ada", "approver", password="pw-ada")
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(f"{page.url}: {exc}"))
-    page.goto(f"{live_server.url}/accounts/login/?next=/baselines/")
-    page.get_by_label("Username").fill("ada")
-    page.get_by_label("Password").fill("pw-ada")
-    page.get_by_role("button", name="Log in").click()
+    page, errors = signed_in(browser, live_server, "ada", "pw-ada", "/baselines/")
 
     expect(page.get_by_role("heading", name="Baselines")).to_be_visible()
     page.get_by_role("link", name="demo").click()
@@ -179,9 +174,13 @@ def test_approver_reviews_baselines_rolls_back_rejects_and_exports_the_audit_log
     expect(diff.locator("tbody tr")).to_have_count(2)
     _shoot(page, screenshot_dir, "baselines")
 
+    # Two picks in a row: the form is not swapped out between them (only the diff below it is), so the
+    # second pick is never lost to the first one's response.
+    diff.locator("form").evaluate("form => { form.dataset.kept = 'yes'; }")
     diff.locator("select[name=from]").select_option("2")
     diff.locator("select[name=to]").select_option("1")
     expect(diff).to_contain_text("v2 → v1")
+    expect(diff.locator("form[data-kept=yes]")).to_have_count(1)
 
     page.locator("#baseline-v1 summary").click()
     page.locator("#baseline-v1 textarea[name=reason]").fill("v2 flags too little on the S21")
@@ -200,7 +199,10 @@ def test_approver_reviews_baselines_rolls_back_rejects_and_exports_the_audit_log
 
     table.get_by_role("link", name=f"#{proposal.pk} Median shift").click()
     expect(page.locator("#impact")).to_contain_text("412 → 398")
-    expect(page.get_by_role("button", name="Approve and apply")).to_be_visible()
+    # Made against v2, and the rollback made v3: it can still be rejected, no longer approved.
+    expect(page.locator(".decision-buttons")).to_be_visible()
+    expect(page.get_by_text(f"Proposal {proposal.pk} was made against baseline v2; v3 is active now")).to_be_visible()
+    expect(page.get_by_role("button", name="Approve and apply")).to_have_count(0)
     _shoot(page, screenshot_dir, "proposal")
     page.locator("#decision-comment").fill("The S21 runs warm by design; keep flagging it.")
     page.get_by_role("button", name="Reject").click()

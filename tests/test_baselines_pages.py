@@ -352,6 +352,51 @@ def test_baseline_page_of_a_fleet_without_versions_and_of_an_unknown_fleet(viewe
     assert viewer.get(reverse("baselines:baseline_detail", args=["nope"])).status_code == 404
 
 
+def test_approver_decides_selected_proposals_from_the_queue(client, proposal, monkeypatch,
+                                                            django_capture_on_commit_callbacks):
+    fleet, v2 = proposal.fleet, proposal.baseline_version
+    second = BaselineProposal.objects.create(fleet=fleet, baseline_version=v2, kind=ProposalKind.CONTAMINATION,
+                                             level="model", feature="contamination", adjustment=0.02, reason="t",
+                                             evidence={})
+    chains = []
+    monkeypatch.setattr("baselines.tasks.enqueue_apply_chain", chains.append)
+    _client(client, "viewer")
+    assert 'id="bulk-decide"' not in client.get(reverse("baselines:proposal_list")).content.decode()
+    assert client.post(reverse("baselines:proposals_decide"), {"proposal": [proposal.pk]}).status_code == 403
+    _client(client, "approver")
+    page = client.get(reverse("baselines:proposal_list"), {"status": "pending"}).content.decode()
+    assert 'id="bulk-decide"' in page and f'name="proposal" value="{second.pk}" form="bulk-decide"' in page
+    url = reverse("baselines:proposals_decide")
+    refused = client.post(url, {"proposal": [proposal.pk, 999999], "decision": "approve", "query": "status=pending"})
+    assert refused.status_code == 303 and refused["Location"].endswith("/proposals/?status=pending")
+    assert "Nothing was decided. No proposal 999999" in client.get(refused["Location"]).content.decode()
+    assert client.post(url, {"proposal": [proposal.pk], "decision": "maybe"}).status_code == 303
+    assert set(BaselineProposal.objects.values_list("status", flat=True)) == {"pending"}
+    with django_capture_on_commit_callbacks(execute=True):
+        done = client.post(url, {"proposal": [proposal.pk, second.pk], "decision": "approve", "comment": "ok",
+                                 "query": "status=pending"})
+    assert done.status_code == 302 and chains == [[proposal.pk, second.pk]]
+    assert "Approved 2 proposals of demo; they are applied together" in client.get(done["Location"]).content.decode()
+    assert set(BaselineProposal.objects.values_list("status", flat=True)) == {"approved"}
+
+
+def test_a_proposal_of_an_earlier_version_can_be_rejected_not_approved(approver, versions):
+    fleet, v1, _ = versions
+    old = BaselineProposal.objects.create(fleet=fleet, baseline_version=v1, kind=ProposalKind.CONTAMINATION,
+                                          level="model", feature="contamination", adjustment=0.02, reason="t",
+                                          evidence={})
+    page = approver.get(reverse("baselines:proposal_detail", args=[old.pk])).content.decode()
+    assert f"Proposal {old.pk} was made against baseline v1; v2 is active now" in page
+    queue = approver.get(reverse("baselines:proposal_list"), {"status": "pending"}).content.decode()
+    assert queue.count("stale: v2 active") == 1  # the queue marks it; the current proposal is not marked
+    assert "Approve and apply" not in page and ">Reject</button>" in page
+    refused = approver.post(reverse("baselines:proposal_approve", args=[old.pk]), {"comment": ""})
+    assert refused.status_code == 400 and "v2 is active now" in refused.content.decode()
+    old.refresh_from_db()
+    assert old.status == "pending"
+    assert approver.post(reverse("baselines:proposal_reject", args=[old.pk]), {"comment": "stale"}).status_code == 302
+
+
 def test_approver_sees_rollback_for_earlier_versions_only(approver, versions):
     content = approver.get(reverse("baselines:baseline_detail", args=["demo"])).content.decode()
     assert "Roll back to v1" in content and "Roll back to v2" not in content

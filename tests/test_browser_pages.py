@@ -107,6 +107,23 @@ def test_user_logs_in_and_browses_fleets_runs_and_anomalies(live_server, browser
     expect(table.locator("tbody tr")).to_have_count(10)
     assert "sort=-score" in page.url and f"run={scored.pk}" in page.url
 
+    # Searching devices: the search box is not swapped out under the typist. The first pause sends
+    # "scanner-00"; typing goes on while that answer arrives, and the box keeps every key.
+    page.goto(f"{live_server.url}/fleets/demo/devices/")
+    devices = page.locator("#device-table")
+    expect(devices).to_contain_text("1–12 of 12 devices")
+    search = devices.get_by_label("Search")
+    devices.locator("form").evaluate("form => { form.dataset.kept = 'yes'; }")
+    search.press_sequentially("scanner-00")
+    expect(devices).to_contain_text("of 10 devices")
+    search.press_sequentially("1", delay=0)
+    expect(devices).to_contain_text("1–1 of 1 device")
+    expect(devices).not_to_contain_text("1 devices")
+    expect(search).to_have_value("scanner-001")
+    expect(search).to_be_focused()
+    expect(devices.locator("form[data-kept=yes]")).to_have_count(1)  # only the results were swapped
+    expect(page).to_have_url(re.compile(r"q=scanner-001"))
+
     page.goto(f"{live_server.url}/fleets/demo/anomalies/?page=abc&run=xyz&sort=bogus")
     expect(page.locator("#anomaly-table tbody tr")).to_have_count(50)
 

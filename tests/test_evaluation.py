@@ -134,6 +134,24 @@ def test_nab_without_windows_is_refused(shared_data, tmp_path):
     assert not Fleet.objects.exists()
 
 
+@pytest.mark.django_db
+def test_nab_overlapping_windows_are_refused_by_file_before_any_detector_runs(shared_data, tmp_path, monkeypatch):
+    root = _nab_layout(tmp_path / "nab", shared_data)
+    labels = root / "labels" / "combined_windows.json"
+    windows = json.loads(labels.read_text())
+    first = windows["synthetic/b.csv"][0]
+    windows["synthetic/b.csv"].append(["2024-03-06 20:00:00.000000", first[1]])  # inside the first one
+    labels.write_text(json.dumps(windows))
+
+    def never(*args, **kwargs):
+        raise AssertionError("a detector ran before the windows were checked")
+
+    monkeypatch.setattr("detection.evaluation.run_core", never)
+    with pytest.raises(CommandError, match=r"synthetic/b: window .* overlaps the window before it"):
+        call_command("evaluate", "nab", str(root))
+    assert not Fleet.objects.exists()
+
+
 @pytest.mark.slow
 @pytest.mark.django_db
 def test_nab_real_traffic_meets_measured_floors(shared_data, tmp_path, capsys):

@@ -422,3 +422,73 @@ def test_an_ensemble_with_alarm_persistence_is_attributed_in_sequence_too():
     assert result.output_value == pytest.approx(stored[-1], rel=1e-12) and result.additivity["ok"]
     assert not is_sequential(EnsembleDetector(AnomalyDetectorConfig(), members=("robust_z", "iqr")).fit(
         frame.iloc[:300], ["a", "b"]))
+
+
+def _pump_frame(n=300, sensors=8, seed=3):
+    """Two devices x n rows of `sensors` correlated readings (SKAB-like); device 2's last 6 rows drift
+    up by 6 in s0."""
+    rng = np.random.default_rng(seed)
+    common = rng.normal(size=(2 * n, 1))
+    frame = pd.DataFrame(common + 0.5 * rng.normal(size=(2 * n, sensors)), columns=[f"s{i}" for i in range(sensors)])
+    frame["device_id"] = np.repeat([1, 2], n)
+    frame.loc[2 * n - 6:, "s0"] += 6.0
+    return frame
+
+
+def test_alarm_persistence_is_attributed_over_its_window_and_matches_brute_force_shapley_values():
+    from itertools import combinations
+    from math import factorial
+
+    from detection.ml.suite import EnsembleDetector
+    from explanations import attribution
+
+    frame = _pump_frame()
+    sensors = [c for c in frame.columns if c != "device_id"]
+    config = AnomalyDetectorConfig(ensemble_smooth_rows=4)
+    detector = EnsembleDetector(config, members=("robust_z", "lof")).fit(
+        frame.iloc[list(range(200)) + list(range(300, 500))], sensors)
+    assert attribution.persistence_only(detector) and attribution.context_metric_limit(detector) == 10
+    stored = detector.score_samples(frame)
+    result = attribute_in_context(detector, frame.iloc[300:], feature_metric={}, metric_domain={})
+    assert "last 4 rows" in result.note and result.additivity["ok"]
+    assert result.output_value == pytest.approx(stored[-1], rel=1e-12)
+    by_metric = {m.metric: m.contribution for m in result.metrics}
+    others = max(abs(v) for k, v in by_metric.items() if k != "s0")
+    assert result.metrics[0].metric == "s0" and by_metric["s0"] > 3 * others  # the drifting sensor carries it
+
+    # Brute force on 3 sensors: v(S) = the detector's score of the whole sequence with the sensors outside
+    # S at their median over the earlier rows in each of the last 4 rows; Shapley values from their definition.
+    few = frame[["s0", "s1", "s2", "device_id"]]
+    small = EnsembleDetector(config, members=("robust_z", "lof")).fit(
+        few.iloc[list(range(200)) + list(range(300, 500))], ["s0", "s1", "s2"])
+    sequence = few.iloc[300:]
+    typical = sequence[["s0", "s1", "s2"]].iloc[:-1].median()
+
+    def v(kept):
+        replaced = sequence.copy()
+        for sensor in {"s0", "s1", "s2"} - set(kept):
+            replaced.iloc[-4:, replaced.columns.get_loc(sensor)] = typical[sensor]
+        return small.score_samples(replaced)[-1]
+
+    players = ["s0", "s1", "s2"]
+    expected = {p: sum(factorial(len(c)) * factorial(2 - len(c)) / 6 * (v({*c, p}) - v(c))
+                       for size in range(3) for c in combinations([q for q in players if q != p], size))
+                for p in players}
+    fast = attribute_in_context(small, sequence, feature_metric={}, metric_domain={})
+    assert fast.base_value == pytest.approx(v(()), rel=1e-9)
+    assert {m.metric: m.contribution for m in fast.metrics} == {p: pytest.approx(x, rel=1e-9, abs=1e-12)
+                                                                 for p, x in expected.items()}
+
+
+def test_persistence_over_a_sequential_member_is_replayed():
+    from detection.ml.suite import EnsembleDetector
+    from explanations import attribution
+
+    frame = _two_device_frame()
+    detector = EnsembleDetector(AnomalyDetectorConfig(ensemble_smooth_rows=5),
+                                members=("robust_z", "windowed_gaussian")).fit(
+        frame.iloc[list(range(300)) + list(range(400, 700))], ["a", "b"])
+    assert is_sequential(detector) and not attribution.persistence_only(detector)
+    result = attribute_in_context(detector, frame.iloc[400:], feature_metric={}, metric_domain={})
+    assert "one fused score per coalition" not in result.note
+    assert result.output_value == pytest.approx(detector.score_samples(frame)[-1], rel=1e-12)

@@ -186,7 +186,19 @@ def test_explain_command_writes_payload_narrative_provider_and_validation_per_an
     assert f"0 generated, {small_run.n_anomalies} cached" in capsys.readouterr().out
 
 
+def test_explain_command_top_explains_the_highest_scoring_anomalies_only(small_run, tmp_path, capsys):
+    target = tmp_path / "top.json"
+    call_command("explain", "--run", str(small_run.pk), "--top", "3", "--regenerate", "--json", str(target))
+    assert f"explaining the 3 highest-scoring of the {small_run.n_anomalies} anomalies" in capsys.readouterr().out
+    highest = list(AnomalyResult.objects.filter(run=small_run, label=-1).order_by("-anomaly_score", "pk")
+                   .values_list("pk", flat=True)[:3])
+    assert sorted(e["anomaly_id"] for e in json.loads(target.read_text())["anomalies"]) == sorted(highest)
+    call_command("explain", "--run", str(small_run.pk), "--top", "2")
+    assert "(0 generated, 2 cached)" in capsys.readouterr().out  # the selection's, not every cached one of the run
+
+
 @pytest.mark.parametrize("args,message", [
+    (["--run", "latest", "--top", "0"], "--top must be at least 1, not 0"),
     (["--run", "999999"], "no pipeline run 999999"),
     (["--run", "abc"], "--run must be a run id or 'latest'"),
     (["--run", "latest", "--fleet", "nope"], "unknown fleet 'nope'"),
@@ -389,8 +401,47 @@ def test_a_sequential_detectors_anomaly_is_attributed_in_its_devices_sequence(sh
         assert [m["metric"] for m in attributions["metrics"]] == ["value"]
     # Past the limit (here: no metric allowed), Kernel SHAP scores the row on its own: the sum misses
     # the stored score, and the explanation records that it does.
-    monkeypatch.setattr("explanations.services.MAX_CONTEXT_METRICS", 0)
+    monkeypatch.setattr("explanations.services.context_metric_limit", lambda detector: 0)
     pending, _ = explanation_request(anomaly=anomalies[0], regenerate=True, enqueue=False)
     explanation_execute(explanation_id=pending.pk)
     explanation = Explanation.objects.get(pk=pending.pk)
     assert explanation.attribution_method == "kernel_shap" and not explanation.attributions["reproduced"]["ok"]
+
+
+@pytest.mark.django_db
+def test_a_skab_ensemble_anomaly_is_attributed_over_its_persistence_window(shared_data, tmp_path, monkeypatch):
+    """SKAB's ensemble (hybrid, robust_z, lof; a median over 20 rows) on 8 sensors. The hybrid member reads
+    residual features the ensemble's own feature list does not name: before they were rebuilt too, the
+    member failed on the rebuilt rows, was dropped, and the attribution summed to about 1.5x the stored score."""
+    from detection.evaluation import evaluate_skab
+    from explanations.services import _context
+
+    folder = tmp_path / "skab"
+    folder.mkdir()
+    for k in (1, 2, 3):
+        (folder / f"{k}.csv").write_bytes((shared_data / "skab" / "data" / "valve1" / f"{k}.csv").read_bytes())
+    with override_settings(VIGIL_ARTIFACT_DIR=tmp_path / "artifacts"):
+        result = evaluate_skab(path=folder, keep=True, config={"algorithm": "ensemble"})
+        anomalies = list(AnomalyResult.objects.filter(run_id=result.run_id, label=-1).order_by("-anomaly_score")[:2])
+        assert result.detector == "ensemble" and anomalies
+        for anomaly in anomalies:
+            pending, _ = explanation_request(anomaly=anomaly, enqueue=False)
+            explanation_execute(explanation_id=pending.pk)
+            explanation = Explanation.objects.get(pk=pending.pk)
+            attributions = explanation.attributions
+            assert explanation.attribution_method == "context_shap", attributions.get("note")
+            assert "last 20 rows" in attributions["note"] and attributions["reproduced"]["ok"]
+            total = attributions["base_value"] + sum(m["contribution"] for m in attributions["metrics"])
+            assert total == pytest.approx(anomaly.anomaly_score, rel=1e-9)
+            assert len(attributions["metrics"]) == 8
+        detector = _context(anomalies[0]).detector
+        assert list(detector.members_) == ["hybrid", "robust_z", "lof"] and not detector.excluded_
+        # A member that fails on the rebuilt rows is dropped for that explanation only: the cached
+        # detector keeps it for the next one.
+        with monkeypatch.context() as patch:
+            patch.setattr(detector.members_["hybrid"], "score_samples", lambda X: 1 / 0)
+            pending, _ = explanation_request(anomaly=anomalies[0], regenerate=True, enqueue=False)
+            explanation_execute(explanation_id=pending.pk)
+            assert not Explanation.objects.get(pk=pending.pk).attributions["reproduced"]["ok"]
+        assert list(_context(anomalies[0]).detector.members_) == ["hybrid", "robust_z", "lof"]
+        assert not _context(anomalies[0]).detector.excluded_

@@ -135,6 +135,59 @@ def test_approval_runs_the_chain_and_switches_versions_atomically(fleet, people,
         fleet=fleet).count() == 2
 
 
+def test_proposals_approved_together_make_one_baseline_version_and_one_retrain(fleet, people,
+                                                                             django_capture_on_commit_callbacks):
+    active = BaselineVersion.objects.get(fleet=fleet, is_active=True)
+    stat = BaselineStatistic.objects.filter(version=active, level="cohort").order_by("pk").first()
+    shift = BaselineProposal.objects.create(
+        fleet=fleet, baseline_version=active, kind="shift", level="cohort", group_key=json.loads(stat.group_key),
+        feature=stat.feature, adjustment=0.5 * stat.mad, reason="test",
+        evidence={"n_false_positive": 9, "n_reviewed": 10}, proposed_by=None)
+    contamination = _proposal(fleet)
+    runs_before = PipelineRun.objects.filter(fleet=fleet).count()
+    with django_capture_on_commit_callbacks(execute=True):
+        done = services.proposals_decide(ids=[shift.pk, contamination.pk], user=people["approver"], approve=True,
+                                         comment="both are consistent false positives")
+    assert [p.pk for p in done] == [shift.pk, contamination.pk]
+    shift.refresh_from_db()
+    contamination.refresh_from_db()
+    assert {shift.status, contamination.status} == {ProposalStatus.APPLIED}, (shift.error, contamination.error)
+    new = shift.result_baseline_version
+    assert contamination.result_baseline_version == new and new.number == active.number + 1
+    assert shift.result_run == contamination.result_run  # one retrain, one re-score
+    assert BaselineVersion.objects.filter(fleet=fleet).count() == 2
+    assert PipelineRun.objects.filter(fleet=fleet).count() == runs_before + 1
+    adjusted = load_artifact(new.artifact_path, kind="baselines", checksum=new.artifact_checksum)
+    assert model_overrides(adjusted)["contamination"] == pytest.approx(0.03 + 0.35 * (0.02 - 0.03))
+    moved = BaselineStatistic.objects.get(version=new, level="cohort", group_key=stat.group_key, feature=stat.feature)
+    assert moved.median == pytest.approx(stat.median + 0.35 * 0.5 * stat.mad)
+    assert _actions(fleet).count(AuditAction.PROPOSAL_APPROVED) == 2
+
+
+def test_deciding_several_proposals_is_all_or_none(bare_fleet, people):
+    first, second, third = (_proposal(bare_fleet) for _ in range(3))
+    services.proposal_reject(proposal=third, user=people["approver"])
+    with pytest.raises(services.ProposalError) as caught:
+        services.proposals_decide(ids=[first.pk, second.pk, third.pk], user=people["approver"], approve=True)
+    assert caught.value.field == "status" and f"proposal {third.pk} is rejected" in str(caught.value)
+    assert set(BaselineProposal.objects.filter(pk__in=[first.pk, second.pk]).values_list("status", flat=True)) == {
+        ProposalStatus.PENDING}
+    assert _actions(bare_fleet).count(AuditAction.PROPOSAL_APPROVED) == 0
+    other = FleetFactory(name="other")
+    BaselineVersionFactory(fleet=other, number=1, is_active=True)
+    for ids, message in (([], "select at least one"), ([first.pk, 10**9], f"no proposal {10**9}"),
+                         ([first.pk, _proposal(other).pk], "must belong to one fleet"),
+                         (list(range(1, 102)), "at most 100")):
+        with pytest.raises(services.ProposalError, match=message) as caught:
+            services.proposals_decide(ids=ids, user=people["approver"], approve=False)
+        assert caught.value.field == "proposals"
+    with pytest.raises(services.ProposalError) as caught:
+        services.proposals_decide(ids=[first.pk, second.pk], user=people["reviewer"], approve=False)
+    assert caught.value.field == "user"
+    done = services.proposals_decide(ids=[first.pk, second.pk], user=people["approver"], approve=False, comment="no")
+    assert {p.status for p in done} == {ProposalStatus.REJECTED}
+
+
 def test_a_retrain_that_raises_leaves_the_old_versions_active(fleet, people, monkeypatch):
     old_baseline = BaselineVersion.objects.get(fleet=fleet, is_active=True)
     old_model = ModelVersion.objects.get(fleet=fleet, status=ModelStatus.PRODUCTION)
@@ -194,6 +247,33 @@ def test_suggest_creates_pending_audited_proposals_once(fleet, people):
     assert services.proposals_suggest(fleet=fleet) == []  # duplicates of pending ones are skipped
 
 
+def test_proposals_of_an_earlier_baseline_version_cannot_be_approved_and_a_new_round_supersedes_them(
+        fleet, people, django_capture_on_commit_callbacks):
+    _review_from_truth(fleet, people["reviewer"])
+    first_round = services.proposals_suggest(fleet=fleet)
+    stale = first_round[-1]
+    with django_capture_on_commit_callbacks(execute=True):
+        services.proposals_decide(ids=[first_round[0].pk], user=people["approver"], approve=True)
+    assert BaselineVersion.objects.get(fleet=fleet, is_active=True).number == 2
+    with pytest.raises(services.ProposalError) as caught:
+        services.proposal_approve(proposal=stale, user=people["approver"])
+    assert caught.value.field == "baseline_version"
+    assert f"proposal {stale.pk} was made against baseline v1; v2 is active now" in str(caught.value)
+    stale.refresh_from_db()
+    assert stale.status == ProposalStatus.PENDING
+    # The next round rejects what is left of the first as superseded (audited), so fresh proposals on v2
+    # are not skipped as duplicates of stale ones.
+    _review_from_truth(fleet, people["reviewer"])
+    second_round = services.proposals_suggest(fleet=fleet)
+    stale.refresh_from_db()
+    assert stale.status == ProposalStatus.REJECTED and stale.decision_comment.startswith("superseded")
+    assert not BaselineProposal.objects.filter(fleet=fleet, status=ProposalStatus.PENDING).exclude(
+        baseline_version__number=2).exists()
+    assert second_round and {p.baseline_version.number for p in second_round} == {2}
+    assert AuditEvent.objects.filter(action=AuditAction.PROPOSAL_REJECTED, target_id=str(stale.pk),
+                                     actor_label=services.SYSTEM_ACTOR).exists()
+
+
 def test_suggest_without_reviews_or_baseline(fleet, people):
     assert services.proposals_suggest(fleet=fleet) == []
     empty = Fleet.objects.create(name="empty", metric_schema=fleet.metric_schema)
@@ -245,6 +325,18 @@ def test_auto_apply_approves_proposals_within_the_auto_bounds_as_the_system(flee
     approved = AuditEvent.objects.filter(fleet=fleet, action=AuditAction.PROPOSAL_APPROVED)
     assert approved.count() == len(created) and set(approved.values_list("actor_label", flat=True)) == {
         services.SYSTEM_ACTOR}
+
+
+def test_auto_applied_proposals_share_one_chain(fleet, people, monkeypatch, django_capture_on_commit_callbacks):
+    fleet.config = {"feedback_auto_apply": True, "feedback_auto_max_shift_mad": 1.5,
+                    "feedback_auto_mad_factor_bounds": [0.5, 2.0]}
+    fleet.save()
+    _review_from_truth(fleet, people["reviewer"])
+    chains = []
+    monkeypatch.setattr("baselines.tasks.enqueue_apply_chain", chains.append)
+    with django_capture_on_commit_callbacks(execute=True):
+        created = services.proposals_suggest(fleet=fleet)
+    assert len(created) > 1 and chains == [[p.pk for p in created]]  # one version, one retrain for all
 
 
 class _FakeLLM:

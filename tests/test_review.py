@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import uuid
 
 import factory
@@ -13,7 +14,7 @@ from detection.choices import Label, ModelStatus, Severity, Trigger, Verdict
 from detection.models import AnomalyFeedback, ModelVersion, PipelineRun
 from detection.permissions import user_has_role
 from detection.services import (
-    FeedbackError, ModelVersionError, feedback_carry_over, feedback_give, model_version_promote,
+    FeedbackError, ModelVersionError, feedback_carry_over, feedback_give, feedback_give_many, model_version_promote,
     model_version_rollback,
 )
 from tests.factories import (
@@ -247,6 +248,90 @@ def test_detail_links_next_and_previous_in_list_order(client, scored):
     assert (middle.context["previous_id"], middle.context["next_id"]) == (anomalies[4].pk, anomalies[6].pk)
     first = client.get(reverse("detection:anomaly_detail", args=[anomalies[0].pk]))
     assert first.context["previous_id"] is None and 'data-shortcut="j"' in first.content.decode()
+
+
+# --- bulk review on the list ------------------------------------------------------------------------
+
+def test_one_verdict_on_many_anomalies_is_all_or_none(scored, django_capture_on_commit_callbacks):
+    fleet, run, found = scored
+    reviewer = user_with_role("r", "reviewer")
+    normal = run.results.filter(label=Label.NORMAL).first()
+    with pytest.raises(FeedbackError, match=f"anomalies: result\\(s\\) {normal.pk} are not anomalies"):
+        feedback_give_many(anomalies=[found[0], normal], user=reviewer, verdict=Verdict.TRUE_POSITIVE)
+    with pytest.raises(FeedbackError, match="verdict"):
+        feedback_give_many(anomalies=found[:3], user=reviewer, verdict="maybe")
+    with pytest.raises(FeedbackError, match="anomalies: select at least one"):
+        feedback_give_many(anomalies=[], user=reviewer, verdict=Verdict.TRUE_POSITIVE)
+    assert not AnomalyFeedback.objects.exists()
+    feedback_give(anomaly=found[1], user=reviewer, verdict=Verdict.TRUE_POSITIVE)
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        done = feedback_give_many(anomalies=found[:4], user=reviewer, verdict=Verdict.FALSE_POSITIVE, comment="test rig")
+    assert [f.anomaly_id for f in done] == [a.pk for a in found[:4]]
+    # One current verdict per (anomaly, reviewer): the earlier true positive is now a false positive.
+    assert AnomalyFeedback.objects.filter(user=reviewer).count() == 4
+    assert set(AnomalyFeedback.objects.values_list("verdict", flat=True)) == {Verdict.FALSE_POSITIVE}
+    assert len(callbacks) == 8  # per verdict: the live push and the alert suppression, after the commit
+
+
+def _bulk(client, ids, verdict="false_positive", htmx=True, **extra):
+    headers = {"HX-Request": "true"} if htmx else {}
+    return client.post(reverse("detection:anomaly_feedback_bulk", args=["demo"]),
+                       {"anomaly": [str(i) for i in ids], "verdict": verdict, **extra}, headers=headers)
+
+
+def test_reviewer_marks_the_selected_rows_and_the_list_comes_back_with_its_filters(client, scored):
+    fleet, run, found = scored
+    login(client, "reviewer")
+    page = anomalies(client, severity="high", review="open").content.decode()
+    assert 'id="bulk-review"' in page and 'form="bulk-review"' in page and "vigil/bulk.js" in page
+    high = [a for a in found if a.severity == "high"][:3]
+    response = _bulk(client, [a.pk for a in high], comment="charging cradle fault", query="severity=high&review=open")
+    assert response.status_code == 200
+    location = json.loads(response["HX-Location"])
+    assert location["path"] == reverse("detection:anomaly_list", args=["demo"]) + "?severity=high&review=open"
+    assert location["target"] == "#anomaly-table"
+    assert set(AnomalyFeedback.objects.values_list("anomaly_id", "verdict", "comment")) == {
+        (a.pk, "false_positive", "charging cradle fault") for a in high}
+    listed = client.get(location["path"], headers={"HX-Request": "true"})
+    content = listed.content.decode()
+    assert "Marked 3 anomalies as false positive." in content
+    assert not {a.pk for a in high} & {r.pk for r in listed.context["page"]}  # reviewed: no longer open
+    # Without htmx: back to the list, where the message shows.
+    response = _bulk(client, [found[0].pk], verdict="not_sure", htmx=False, query="sort=-score")
+    assert response.status_code == 302 and response["Location"].endswith("/fleets/demo/anomalies/?sort=-score")
+    assert "Marked 1 anomaly as not sure." in client.get(response["Location"]).content.decode()
+    # The query string goes back re-encoded: a line break cannot reach the Location header.
+    response = _bulk(client, [found[0].pk], htmx=False, query="sort=-score\r\nSet-Cookie: x=1")
+    assert response.status_code == 302 and "\n" not in response["Location"] and "%0D%0A" in response["Location"]
+
+
+@pytest.mark.parametrize("ids, verdict, message", [
+    ([], "true_positive", "anomalies: select at least one anomaly"),
+    (["abc"], "true_positive", "anomalies: ids must be whole numbers"),
+    ([999999999], "true_positive", "anomalies: no result 999999999 in fleet demo"),
+    (None, "bogus", "verdict: &#x27;bogus&#x27; is not one of"),
+])
+def test_bulk_review_refusals_name_the_field_and_save_nothing(client, scored, ids, verdict, message):
+    login(client, "reviewer")
+    ids = [scored[2][0].pk] if ids is None else ids
+    response = _bulk(client, ids, verdict=verdict)
+    assert response.status_code == 200 and message in response.content.decode()
+    assert "HX-Location" not in response
+    assert not AnomalyFeedback.objects.exists()
+    response = _bulk(client, ids, verdict=verdict, htmx=False)
+    assert response.status_code == 303 and message in client.get(response["Location"]).content.decode()
+
+
+def test_bulk_review_stays_within_the_fleet_and_needs_the_reviewer_role(client, scored):
+    other = AnomalyResultFactory()  # another fleet's anomaly
+    login(client, "reviewer")
+    assert f"no result {other.pk} in fleet demo" in _bulk(client, [scored[2][0].pk, other.pk]).content.decode()
+    assert not AnomalyFeedback.objects.exists()
+    login(client, "viewer", name="v")
+    assert _bulk(client, [scored[2][0].pk]).status_code == 403
+    assert 'id="bulk-review"' not in anomalies(client).content.decode()
+    assert not AnomalyFeedback.objects.exists()
+    assert client.get(reverse("detection:anomaly_feedback_bulk", args=["demo"])).status_code in (403, 405)
 
 
 # --- anomaly list filters --------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from detection.models import AnomalyFeedback
 from tests.factories import (
     AnomalyResultFactory, DeviceFactory, FleetFactory, ModelVersionFactory, PipelineRunFactory, user_with_role,
 )
+from tests.browsing import signed_in
 from tests.test_browser_pages import WIDTHS
 
 os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
@@ -59,13 +60,7 @@ def test_reviewer_filters_opens_an_anomaly_and_marks_it_false_positive(live_serv
                                                                        screenshot_dir):
     expect = pytest.importorskip("playwright.sync_api").expect
     user_with_role("rita", "reviewer", password="pw-rita")
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(f"{page.url}: {exc}"))
-    page.goto(f"{live_server.url}/accounts/login/?next=/fleets/demo/")
-    page.get_by_label("Username").fill("rita")
-    page.get_by_label("Password").fill("pw-rita")
-    page.get_by_role("button", name="Log in").click()
+    page, errors = signed_in(browser, live_server, "rita", "pw-rita", "/fleets/demo/")
 
     expect(page.get_by_role("heading", name="demo · overview")).to_be_visible()
     expect(page.locator("#score-histogram svg")).to_be_visible()
@@ -103,6 +98,45 @@ def test_reviewer_filters_opens_an_anomaly_and_marks_it_false_positive(live_serv
 
     page.goto(f"{live_server.url}/fleets/demo/anomalies/?severity=critical&store=south&review=open")
     expect(page.locator("#anomaly-table tbody tr")).to_have_count(3)  # the reviewed one left the open list
+    assert not errors, errors
+
+
+def test_reviewer_selects_rows_and_gives_them_one_verdict(live_server, browser, review_data, screenshot_dir):
+    expect = pytest.importorskip("playwright.sync_api").expect
+    user_with_role("rita", "reviewer", password="pw-rita")
+    page, errors = signed_in(browser, live_server, "rita", "pw-rita",
+                             "/fleets/demo/anomalies/%3Fseverity%3Dhigh%26review%3Dopen")
+    table = page.locator("#anomaly-table")
+    expect(table).to_contain_text("of 24 anomalies")
+    bar = page.locator("#bulk-review")
+    expect(bar.get_by_role("button", name="False positive")).to_be_disabled()  # nothing selected yet
+    rows = table.locator('tbody input[name="anomaly"]')
+    rows.nth(0).check()
+    rows.nth(2).check()
+    expect(bar).to_contain_text("2 of 24 on this page selected")
+    bar.get_by_placeholder("Comment (optional)").fill("docking station fault")
+    bar.get_by_role("button", name="True positive").click()
+    expect(bar).to_contain_text("Marked 2 anomalies as true positive.")
+    expect(table).to_contain_text("of 22 anomalies")  # the list still filters on open ones
+    expect(page).to_have_url(re.compile(r"severity=high&review=open"))
+    assert set(AnomalyFeedback.objects.values_list("verdict", "comment")) == {(Verdict.TRUE_POSITIVE,
+                                                                               "docking station fault")}
+    _shoot(page, screenshot_dir, "review-bulk")
+
+    page.context.set_offline(True)  # a bulk verdict is not queued offline: the bar says it was not saved
+    rows.nth(0).check()
+    bar.get_by_role("button", name="Not sure").click()
+    expect(bar).to_contain_text("No connection: nothing was saved")
+    page.context.set_offline(False)
+    rows.nth(0).uncheck()
+    assert not AnomalyFeedback.objects.filter(verdict=Verdict.NOT_SURE).exists()
+
+    page.get_by_label("All on this page").check()
+    expect(page.locator("#bulk-review")).to_contain_text("22 of 22 on this page selected")
+    page.locator("#bulk-review").get_by_role("button", name="False positive").click()
+    expect(table).to_contain_text("Marked 22 anomalies as false positive.")  # above the now empty list
+    expect(table).to_contain_text("No anomalies match these filters")
+    assert AnomalyFeedback.objects.filter(verdict=Verdict.FALSE_POSITIVE).count() == 22
     assert not errors, errors
 
 

@@ -57,6 +57,15 @@ class ProposalDecisionSerializer(serializers.Serializer):
     comment = serializers.CharField(required=False, allow_blank=True, default="", max_length=COMMENT_MAX)
 
 
+class ProposalsDecideSerializer(serializers.Serializer):
+    """POST /proposals/decide/: approve or reject several pending proposals of one fleet, all or none."""
+
+    proposals = serializers.ListField(child=serializers.IntegerField(min_value=1, max_value=2**63 - 1),
+                                      min_length=1, max_length=100, help_text="proposal ids, 1 to 100")
+    decision = serializers.ChoiceField(choices=["approve", "reject"])
+    comment = serializers.CharField(required=False, allow_blank=True, default="", max_length=COMMENT_MAX)
+
+
 class ProposalSuggestSerializer(serializers.Serializer):
     """POST /proposals/suggest/: ask the engine for adjustments of one fleet now."""
 

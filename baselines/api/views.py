@@ -20,8 +20,8 @@ from rest_framework.response import Response
 from detection.api.authentication import CachedTokenAuthentication
 from detection.api.errors import Conflict
 from detection.api.permissions import HasRole
-from detection.api.views import UtcIsoDateTimeFromToRangeFilter
 from detection.api.serializers import BaselineVersionSerializer
+from detection.api.views import UtcIsoDateTimeFromToRangeFilter
 from detection.models import AuditEvent
 
 from .. import selectors, services
@@ -33,6 +33,7 @@ from .serializers import (
     BaselineRollbackSerializer,
     ProposalDecisionSerializer,
     ProposalImpactSerializer,
+    ProposalsDecideSerializer,
     ProposalSuggestSerializer,
 )
 
@@ -82,7 +83,8 @@ class BaselineProposalViewSet(_RoleMixin, viewsets.ReadOnlyModelViewSet):
     serializer_class = BaselineProposalSerializer
     queryset = selectors.proposal_list()
     filterset_class = BaselineProposalFilterSet
-    action_roles = {"preview": "reviewer", "approve": "approver", "reject": "approver", "suggest": "approver"}
+    action_roles = {"preview": "reviewer", "approve": "approver", "reject": "approver", "suggest": "approver",
+                    "decide": "approver"}
 
     def _decide(self, request, decide) -> Response:
         proposal = self.get_object()
@@ -93,6 +95,23 @@ class BaselineProposalViewSet(_RoleMixin, viewsets.ReadOnlyModelViewSet):
         except (services.ProposalError, DjangoPermissionDenied) as exc:
             _service_error(exc)
         return Response(BaselineProposalSerializer(selectors.proposal_get(pk=proposal.pk)).data)
+
+    @extend_schema(request=ProposalsDecideSerializer,
+                   responses={200: BaselineProposalSerializer(many=True), **ERRORS})
+    @action(detail=False, methods=["post"])
+    def decide(self, request):
+        """Approve or reject up to 100 pending proposals of one fleet at once, all or none (audited each);
+        approved ones are applied together: one baseline version, one retrain, one re-score."""
+        params = ProposalsDecideSerializer(data=request.data)
+        params.is_valid(raise_exception=True)
+        data = params.validated_data
+        try:
+            done = services.proposals_decide(ids=data["proposals"], user=request.user,
+                                             approve=data["decision"] == "approve", comment=data["comment"])
+        except (services.ProposalError, DjangoPermissionDenied) as exc:
+            _service_error(exc)
+        fresh = {p.pk: p for p in selectors.proposal_list().filter(pk__in=[p.pk for p in done])}
+        return Response(BaselineProposalSerializer([fresh[p.pk] for p in done], many=True).data)
 
     @extend_schema(request=ProposalDecisionSerializer, responses={200: BaselineProposalSerializer, **ERRORS})
     @action(detail=True, methods=["post"])

@@ -8,7 +8,7 @@ from rest_framework import serializers
 from baselines.models import BaselineVersion
 from detection.choices import Severity, Verdict
 from detection.models import AnomalyFeedback, AnomalyResult, Device, Fleet, ModelVersion, PipelineRun
-from detection.services import FEEDBACK_COMMENT_MAX
+from detection.services import FEEDBACK_BULK_MAX, FEEDBACK_COMMENT_MAX
 
 
 class FleetSerializer(serializers.ModelSerializer):
@@ -187,6 +187,17 @@ class AnomalyFeedbackSerializer(serializers.ModelSerializer):
         fields = ["id", "anomaly", "fleet", "user", "verdict", "comment", "client_id", "carried_from", "created_at",
                   "updated_at"]
         read_only_fields = fields
+
+
+class AnomalyFeedbackBulkSerializer(serializers.Serializer):
+    """POST /feedback/bulk/: one verdict on several anomalies (label -1), all or none."""
+
+    anomalies = serializers.ListField(child=serializers.IntegerField(min_value=1, max_value=2**63 - 1),
+                                      min_length=1, max_length=FEEDBACK_BULK_MAX,
+                                      help_text=f"result ids, 1 to {FEEDBACK_BULK_MAX}")
+    verdict = serializers.ChoiceField(choices=Verdict.choices)
+    comment = serializers.CharField(required=False, allow_blank=True, default="",
+                                    max_length=FEEDBACK_COMMENT_MAX)
 
 
 class AnomalyFeedbackCreateSerializer(serializers.Serializer):

@@ -28,7 +28,8 @@ from . import health, ingest
 from .errors import Conflict, Unavailable
 from .permissions import HasRole
 from .serializers import (
-    AnomalyFeedbackCreateSerializer, AnomalyFeedbackSerializer, AnomalyResultSerializer, BaselineVersionSerializer,
+    AnomalyFeedbackBulkSerializer, AnomalyFeedbackCreateSerializer, AnomalyFeedbackSerializer,
+    AnomalyResultSerializer, BaselineVersionSerializer,
     DetectionBatchSerializer, DetectionSerializer,
     DeviceSerializer, FleetSerializer, ModelVersionRollbackSerializer, ModelVersionSerializer,
     ObservationBatchSerializer, ObservationSerializer, PipelineRunCreateSerializer, PipelineRunSerializer,
@@ -437,3 +438,19 @@ class AnomalyFeedbackViewSet(RoleViewSetMixin, mixins.CreateModelMixin, viewsets
         except services.FeedbackError as exc:
             raise ValidationError({exc.field: [str(exc).split(": ", 1)[-1]]}) from None
         return Response(AnomalyFeedbackSerializer(feedback).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=AnomalyFeedbackBulkSerializer,
+                   responses={201: AnomalyFeedbackSerializer(many=True)})
+    @action(detail=False, methods=["post"], url_path="bulk")
+    def bulk(self, request):
+        """One verdict on up to 500 anomalies at once, all or none (services.feedback_give_many); answers
+        the feedback rows in the order of the ids. 400 names the ids that are no result or no anomaly."""
+        params = AnomalyFeedbackBulkSerializer(data=request.data)
+        params.is_valid(raise_exception=True)
+        data = params.validated_data
+        try:
+            done = services.feedback_give_many_by_id(ids=data["anomalies"], user=request.user,
+                                                     verdict=data["verdict"], comment=data["comment"])
+        except services.FeedbackError as exc:
+            raise ValidationError({exc.field: [str(exc).split(": ", 1)[-1]]}) from None
+        return Response(AnomalyFeedbackSerializer(done, many=True).data, status=status.HTTP_201_CREATED)

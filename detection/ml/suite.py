@@ -333,6 +333,12 @@ class EnsembleDetector(AnomalyDetector):
             raise DetectorError("every ensemble member weighs 0")
         return total / weight_sum
 
+    def fused_scores(self, X: pd.DataFrame) -> np.ndarray:
+        """The members' normalised scores of each row of X, weighted and fused, before any alarm
+        persistence (score_samples smooths these). Rows are scored each on its own when no member
+        is sequential (explanations.attribution scores coalitions of one window this way)."""
+        return self._fuse(self.component_scores(X))
+
     def score_samples(self, X: pd.DataFrame) -> np.ndarray:
         """The fused score per row (rows of X in time order); with config.ensemble_smooth_rows k > 1,
         its trailing median (or mean) over the row and the k - 1 rows before it, of the same device
@@ -340,7 +346,7 @@ class EnsembleDetector(AnomalyDetector):
         trained (or a frame, or a device's rows, that starts with them) the window starts empty; on
         any other frame the fused scores of the last k - 1 training rows (the device's own) come
         first, as the recent past; a device training never saw starts with an empty window."""
-        fused = self._fuse(self.component_scores(X))
+        fused = self.fused_scores(X)
         smooth = self.config.ensemble_smooth_rows
         if smooth <= 1:
             return fused

@@ -1,4 +1,4 @@
-"""python manage.py explain --run ID|latest [--fleet NAME] [--provider NAME] [--regenerate] [--json FILE]"""
+"""python manage.py explain --run ID|latest [--fleet NAME] [--top N] [--provider NAME] [--regenerate] [--json FILE]"""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,8 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from detection.models import Fleet, PipelineRun
+from detection.choices import Label
+from detection.models import AnomalyResult, Fleet, PipelineRun
 from detection.selectors import latest_scored_run
 from explanations.narrative import PROVIDERS
 from explanations.services import (
@@ -28,6 +29,7 @@ class Command(BaseCommand):
         parser.add_argument("--fleet", help="fleet name; with --run latest, that fleet's newest scored run")
         parser.add_argument("--provider", choices=PROVIDERS, help="narrative provider (default: VIGIL_LLM provider, "
                                                                   "builtin unless configured)")
+        parser.add_argument("--top", type=int, help="only the N highest-scoring anomalies of the run")
         parser.add_argument("--regenerate", action="store_true", help="explain again even where cached")
         parser.add_argument("--json", dest="json_file",
                             help="write, per anomaly, the payload, narrative, provider and validation to this file")
@@ -38,10 +40,17 @@ class Command(BaseCommand):
             provider_resolve(opts.get("provider"))
         except ExplanationError as exc:
             raise CommandError(str(exc)) from None
-        self.stdout.write(f"explaining the {run.n_anomalies} anomalies of run {run.pk} on fleet {run.fleet.name}")
+        top, ids = opts.get("top"), None
+        if top is not None:
+            if top < 1:
+                raise CommandError(f"--top must be at least 1, not {top}")
+            ids = list(AnomalyResult.objects.filter(run=run, label=Label.ANOMALY)
+                       .order_by("-anomaly_score", "pk").values_list("pk", flat=True)[:top])
+        which = f"{len(ids)} highest-scoring of the {run.n_anomalies}" if ids is not None else f"{run.n_anomalies}"
+        self.stdout.write(f"explaining the {which} anomalies of run {run.pk} on fleet {run.fleet.name}")
         started = time.perf_counter()
         try:
-            result = explanation_run_generate(run=run, provider=opts.get("provider"),
+            result = explanation_run_generate(run=run, provider=opts.get("provider"), anomaly_ids=ids,
                                               regenerate=opts["regenerate"], progress=self._progress)
         except ExplanationError as exc:
             raise CommandError(str(exc)) from None
