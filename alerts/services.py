@@ -16,6 +16,7 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import Count, Exists, F, OuterRef
 from django.utils import timezone
+from django.utils.translation import ngettext
 
 from detection.choices import AuditAction, Label, Verdict
 from detection.ingest.bulk import bulk_insert
@@ -59,7 +60,7 @@ def _cohort_title(cohort: dict, n_devices: int, n_stores: int) -> str:
     else:
         what = f"{n_devices} devices of cohort {' '.join(v for v in cohort.values() if v) or 'unknown'}"
     if n_stores:
-        what += f" in {n_stores} store{'s' if n_stores != 1 else ''}"
+        what += f" in {n_stores} {ngettext('store', 'stores', n_stores)}"
     return what
 
 
@@ -346,7 +347,7 @@ def _new_event(alert: Alert, kind: str, message: str = "", actor_label: str = "s
 
 
 def _noun(count: int) -> str:
-    return "anomaly" if count == 1 else "anomalies"
+    return ngettext("anomaly", "anomalies", count)
 
 
 def _event(alert: Alert, kind: str, message: str = "", actor_label: str = "system") -> AlertEvent:

@@ -6,6 +6,7 @@ from django.core.paginator import Paginator
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.utils.cache import patch_vary_headers
+from django.utils.translation import ngettext
 from django.views.decorators.http import require_POST
 
 from detection.choices import Role, Severity, Verdict
@@ -92,7 +93,7 @@ def alert_review(request: HttpRequest, pk: int) -> HttpResponse:
                                   comment=request.POST.get("comment", ""))
     except services.AlertActionError as exc:
         return _detail(request, alert, error=str(exc), status=400)
-    messages.success(request, f"Marked {n} anomal{'y' if n == 1 else 'ies'} of this alert as "
+    messages.success(request, f"Marked {n} {ngettext('anomaly', 'anomalies', n)} of this alert as "
                               f"{Verdict(request.POST['verdict']).label.lower()}.")
     return redirect("alerts:alert_detail", pk=alert.pk)
 

@@ -22,6 +22,7 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.cache import patch_vary_headers
+from django.utils.translation import ngettext
 from django.views.decorators.http import require_POST
 from django_htmx.http import HTMX_STOP_POLLING
 from django_htmx.middleware import HtmxDetails
@@ -368,7 +369,7 @@ def proposals_decide(request: HtmxHttpRequest) -> HttpResponse:
             else:
                 n, fleet = len(done), done[0].fleet.name
                 if decision == "reject":
-                    messages.success(request, f"Rejected {n} proposal{'' if n == 1 else 's'} of {fleet}.")
+                    messages.success(request, f"Rejected {n} {ngettext('proposal', 'proposals', n)} of {fleet}.")
                 elif n == 1:
                     messages.success(request, f"Approved 1 proposal of {fleet}; applying it now.")
                 else:
@@ -410,7 +411,7 @@ def proposals_suggest(request: HtmxHttpRequest) -> HttpResponse:
     else:
         if created:
             messages.success(
-                request, f"{len(created)} new proposal{'s' if len(created) != 1 else ''} for {fleet.name}."
+                request, f"{len(created)} new {ngettext('proposal', 'proposals', len(created))} for {fleet.name}."
             )
         else:
             messages.info(

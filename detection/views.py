@@ -19,6 +19,7 @@ from django.template.loader import render_to_string
 from django.templatetags.static import static
 from django.urls import reverse
 from django.utils.cache import patch_vary_headers
+from django.utils.translation import ngettext
 from django.views.decorators.http import require_POST
 from django_htmx.http import HTMX_STOP_POLLING, HttpResponseLocation
 from django_htmx.middleware import HtmxDetails
@@ -160,7 +161,7 @@ def anomaly_feedback_bulk(request: HtmxHttpRequest, name: str) -> HttpResponse:
             error = str(exc)
         else:
             label = Verdict(done[0].verdict).label.lower()
-            noun = "anomaly" if len(done) == 1 else "anomalies"
+            noun = ngettext("anomaly", "anomalies", len(done))
             messages.success(request, f"Marked {len(done)} {noun} as {label}.")
             if request.htmx:
                 return HttpResponseLocation(back, target="#anomaly-table", swap="outerHTML")
