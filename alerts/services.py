@@ -550,6 +550,24 @@ def alerts_on_feedback(*, feedback: AnomalyFeedback) -> Alert | None:
     return alert
 
 
+def alerts_on_feedback_many(*, feedback: list[AnomalyFeedback]) -> list[Alert]:
+    """alerts_on_feedback once per alert for a batch of verdicts (detection.services.feedback_give_many):
+    one membership query for the batch, then one check per distinct alert with the batch's verdicts all
+    counted. Returns the alerts checked, in the order their first anomaly appears in feedback."""
+    alert_of = dict(AlertAnomaly.objects.filter(anomaly_id__in=[f.anomaly_id for f in feedback]
+                                                ).values_list("anomaly_id", "alert_id"))
+    first: dict[int, AnomalyFeedback] = {}
+    for item in feedback:
+        if item.anomaly_id in alert_of:
+            first.setdefault(alert_of[item.anomaly_id], item)
+    checked = []
+    for item in first.values():
+        alert = alerts_on_feedback(feedback=item)
+        if alert is not None:
+            checked.append(alert)
+    return checked
+
+
 def _reopen(alert: Alert, feedback: AnomalyFeedback) -> None:
     with transaction.atomic():
         if Alert.objects.filter(pk=alert.pk, status=AlertStatus.SUPPRESSED).update(

@@ -451,8 +451,25 @@ def feedback_give_many(*, anomalies, user, verdict: str, comment: str = "") -> l
     if normal:
         raise FeedbackError("anomalies",
                             f"result(s) {ids_text(normal)} are not anomalies; only anomalies take feedback")
+    if verdict not in Verdict.values:
+        raise FeedbackError("verdict", f"{verdict!r} is not one of {', '.join(Verdict.values)}")
+    comment = (comment or "").strip()
+    if len(comment) > FEEDBACK_COMMENT_MAX:
+        raise FeedbackError("comment", f"at most {FEEDBACK_COMMENT_MAX} characters, got {len(comment)}")
     with transaction.atomic():
-        return [feedback_give(anomaly=a, user=user, verdict=verdict, comment=comment) for a in anomalies]
+        # One upsert on (anomaly, user) instead of an update_or_create per row: the same verdict,
+        # comment, cleared client_id and carried_from as feedback_give writes, created_at kept on update.
+        written = AnomalyFeedback.objects.bulk_create(
+            [AnomalyFeedback(anomaly=a, user=user, verdict=verdict, comment=comment) for a in anomalies],
+            update_conflicts=True, unique_fields=["anomaly", "user"],
+            update_fields=["verdict", "comment", "client_id", "carried_from", "updated_at"])
+        by_pk = AnomalyFeedback.objects.select_related("anomaly__fleet", "user").in_bulk([f.pk for f in written])
+        feedback = [by_pk[f.pk] for f in written]  # as stored (an updated row keeps its created_at)
+        for item in feedback:
+            transaction.on_commit(lambda item=item: push_feedback(item))
+        from alerts.services import alerts_on_feedback_many  # false positives suppress their alerts
+        transaction.on_commit(lambda: alerts_on_feedback_many(feedback=feedback), robust=True)
+    return feedback
 
 
 def feedback_give_many_by_id(*, ids: list[int], user, verdict: str, comment: str = "",

@@ -14,11 +14,11 @@ from django.core import mail
 from django.utils import timezone
 
 from alerts import notifiers, services
-from alerts.choices import AlertScope, AlertStatus, DeliveryKind, DeliveryStatus
+from alerts.choices import AlertEventKind, AlertScope, AlertStatus, DeliveryKind, DeliveryStatus
 from alerts.models import Alert, AlertAnomaly, AlertDelivery, AlertRule
 from detection.choices import Label, Severity, Verdict
 from detection.models import AuditEvent
-from detection.services import feedback_give
+from detection.services import feedback_give, feedback_give_many
 from tests.factories import (
     AnomalyResultFactory,
     DeviceFactory,
@@ -317,6 +317,27 @@ def test_a_confirmed_anomaly_reopens_a_suppressed_alert(world, django_capture_on
     alert.refresh_from_db()
     assert alert.status == AlertStatus.OPEN
     assert AuditEvent.objects.filter(action="alert_reopened", target_id=str(alert.pk)).exists()
+
+
+def test_one_bulk_verdict_checks_every_alert_it_touches_once(world, django_capture_on_commit_callbacks):
+    fleet, anomaly = world
+    first, second = DeviceFactory(fleet=fleet), DeviceFactory(fleet=fleet)
+    a1, a2, b1 = anomaly(first, 0), anomaly(first, 10), anomaly(second, 0)
+    alert_a, alert_b = services.alerts_ingest(anomalies=[a1, a2, b1])
+    outside = anomaly(DeviceFactory(fleet=fleet), 30)  # in no alert
+    rita = user_with_role("rita", "reviewer")
+    with django_capture_on_commit_callbacks(execute=True):
+        feedback_give_many(anomalies=[a1, a2, b1, outside], user=rita, verdict=Verdict.FALSE_POSITIVE)
+    alert_a.refresh_from_db(), alert_b.refresh_from_db()
+    assert (alert_a.status, alert_b.status) == (AlertStatus.SUPPRESSED, AlertStatus.SUPPRESSED)
+    # One suppression event and audit record per alert, not one per verdict.
+    for alert in (alert_a, alert_b):
+        assert alert.events.filter(kind=AlertEventKind.SUPPRESSED).count() == 1
+        assert AuditEvent.objects.filter(action="alert_suppressed", target_id=str(alert.pk)).count() == 1
+    with django_capture_on_commit_callbacks(execute=True):
+        feedback_give_many(anomalies=[b1], user=user_with_role("tom", "reviewer"), verdict=Verdict.TRUE_POSITIVE)
+    alert_a.refresh_from_db(), alert_b.refresh_from_db()
+    assert (alert_a.status, alert_b.status) == (AlertStatus.SUPPRESSED, AlertStatus.OPEN)
 
 
 def test_a_true_positive_keeps_the_alert_open(world, django_capture_on_commit_callbacks):

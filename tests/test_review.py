@@ -263,14 +263,19 @@ def test_one_verdict_on_many_anomalies_is_all_or_none(scored, django_capture_on_
     with pytest.raises(FeedbackError, match="anomalies: select at least one"):
         feedback_give_many(anomalies=[], user=reviewer, verdict=Verdict.TRUE_POSITIVE)
     assert not AnomalyFeedback.objects.exists()
-    feedback_give(anomaly=found[1], user=reviewer, verdict=Verdict.TRUE_POSITIVE)
+    earlier = feedback_give(anomaly=found[1], user=reviewer, verdict=Verdict.TRUE_POSITIVE)
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
         done = feedback_give_many(anomalies=found[:4], user=reviewer, verdict=Verdict.FALSE_POSITIVE, comment="test rig")
     assert [f.anomaly_id for f in done] == [a.pk for a in found[:4]]
     # One current verdict per (anomaly, reviewer): the earlier true positive is now a false positive.
     assert AnomalyFeedback.objects.filter(user=reviewer).count() == 4
     assert set(AnomalyFeedback.objects.values_list("verdict", flat=True)) == {Verdict.FALSE_POSITIVE}
-    assert len(callbacks) == 8  # per verdict: the live push and the alert suppression, after the commit
+    assert all(f.comment == "test rig" and f.verdict == Verdict.FALSE_POSITIVE for f in done)
+    updated = next(f for f in done if f.anomaly_id == found[1].pk)
+    assert (updated.pk, updated.created_at) == (earlier.pk, earlier.created_at)  # updated, not a new row
+    assert updated.updated_at > earlier.updated_at
+    # After the commit: one live push per verdict, and one alert check for the whole batch.
+    assert len(callbacks) == 5
 
 
 def _bulk(client, ids, verdict="false_positive", htmx=True, **extra):
