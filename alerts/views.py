@@ -2,6 +2,7 @@
 health page. Every page needs the viewer role; alert actions need reviewer; rules need approver."""
 from __future__ import annotations
 
+from django.contrib import messages
 from django.core.paginator import Paginator
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
@@ -85,8 +86,6 @@ def alert_acknowledge(request: HttpRequest, pk: int) -> HttpResponse:
 def alert_review(request: HttpRequest, pk: int) -> HttpResponse:
     """One verdict (form fields verdict, comment) on every anomaly of the alert; errors show on the page
     (status 400)."""
-    from django.contrib import messages
-
     alert = _pk_or_404(pk)
     try:
         n = services.alert_review(alert=alert, user=request.user, verdict=request.POST.get("verdict", ""),

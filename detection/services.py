@@ -401,11 +401,7 @@ def feedback_give(*, anomaly: AnomalyResult, user, verdict: str, comment: str = 
     """
     if anomaly.label != Label.ANOMALY:
         raise FeedbackError("anomaly", f"result {anomaly.pk} is not an anomaly; only anomalies take feedback")
-    if verdict not in Verdict.values:
-        raise FeedbackError("verdict", f"{verdict!r} is not one of {', '.join(Verdict.values)}")
-    comment = (comment or "").strip()
-    if len(comment) > FEEDBACK_COMMENT_MAX:
-        raise FeedbackError("comment", f"at most {FEEDBACK_COMMENT_MAX} characters, got {len(comment)}")
+    comment = _checked_comment(verdict, comment)
     if client_id not in (None, ""):
         try:
             client_id = client_id if isinstance(client_id, uuid.UUID) else uuid.UUID(str(client_id))
@@ -427,6 +423,17 @@ def feedback_give(*, anomaly: AnomalyResult, user, verdict: str, comment: str = 
         from alerts.services import alerts_on_feedback  # false positives suppress their alert
         transaction.on_commit(lambda: alerts_on_feedback(feedback=feedback), robust=True)
     return feedback
+
+
+def _checked_comment(verdict: str, comment: str) -> str:
+    """The comment stripped, once verdict is one of Verdict and the comment within FEEDBACK_COMMENT_MAX;
+    else FeedbackError("verdict") or FeedbackError("comment")."""
+    if verdict not in Verdict.values:
+        raise FeedbackError("verdict", f"{verdict!r} is not one of {', '.join(Verdict.values)}")
+    comment = (comment or "").strip()
+    if len(comment) > FEEDBACK_COMMENT_MAX:
+        raise FeedbackError("comment", f"at most {FEEDBACK_COMMENT_MAX} characters, got {len(comment)}")
+    return comment
 
 
 FEEDBACK_BULK_MAX = 500
@@ -451,11 +458,7 @@ def feedback_give_many(*, anomalies, user, verdict: str, comment: str = "") -> l
     if normal:
         raise FeedbackError("anomalies",
                             f"result(s) {ids_text(normal)} are not anomalies; only anomalies take feedback")
-    if verdict not in Verdict.values:
-        raise FeedbackError("verdict", f"{verdict!r} is not one of {', '.join(Verdict.values)}")
-    comment = (comment or "").strip()
-    if len(comment) > FEEDBACK_COMMENT_MAX:
-        raise FeedbackError("comment", f"at most {FEEDBACK_COMMENT_MAX} characters, got {len(comment)}")
+    comment = _checked_comment(verdict, comment)
     with transaction.atomic():
         # One upsert on (anomaly, user) instead of an update_or_create per row: the same verdict,
         # comment, cleared client_id and carried_from as feedback_give writes, created_at kept on update.

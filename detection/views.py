@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 
 from django.conf import settings
+from django.contrib import messages
 from django.core.paginator import Paginator
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
@@ -144,8 +145,6 @@ def anomaly_feedback_bulk(request: HtmxHttpRequest, name: str) -> HttpResponse:
     message alone, for the form's status line (status 200: htmx swaps only 2xx); without htmx, back to the
     list with the message. Nothing is saved then.
     """
-    from django.contrib import messages
-
     fleet = _fleet_or_404(name)
     back = back_url(request, reverse("detection:anomaly_list", args=[fleet.name]))
     try:

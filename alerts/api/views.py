@@ -6,9 +6,9 @@ import django_filters
 from drf_spectacular.utils import extend_schema
 from rest_framework import viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import ValidationError
 from rest_framework.response import Response
 
+from detection.api.errors import field_error
 from detection.api.views import RoleViewSetMixin
 from detection.choices import Severity
 
@@ -35,10 +35,6 @@ class AlertFilterSet(django_filters.FilterSet):
         fields: list[str] = []
 
 
-def _action_error(exc: services.AlertActionError):
-    return ValidationError({exc.field: [str(exc).split(": ", 1)[-1]]})
-
-
 class AlertViewSet(RoleViewSetMixin, viewsets.ReadOnlyModelViewSet):
     """Alerts, newest activity first. Filters: fleet, status, severity, scope."""
 
@@ -54,7 +50,7 @@ class AlertViewSet(RoleViewSetMixin, viewsets.ReadOnlyModelViewSet):
         try:
             alert = services.alert_acknowledge(alert=self.get_object(), user=request.user)
         except services.AlertActionError as exc:
-            raise _action_error(exc) from None
+            raise field_error(exc) from None
         return Response(AlertSerializer(alert).data)
 
     @extend_schema(request=AlertResolveSerializer, responses={200: AlertSerializer})
@@ -66,7 +62,7 @@ class AlertViewSet(RoleViewSetMixin, viewsets.ReadOnlyModelViewSet):
             alert = services.alert_resolve(alert=self.get_object(), user=request.user,
                                            reason=params.validated_data.get("reason", ""))
         except services.AlertActionError as exc:
-            raise _action_error(exc) from None
+            raise field_error(exc) from None
         return Response(AlertSerializer(alert).data)
 
     @extend_schema(request=AlertSnoozeSerializer, responses={200: AlertSerializer})
@@ -77,7 +73,7 @@ class AlertViewSet(RoleViewSetMixin, viewsets.ReadOnlyModelViewSet):
         try:
             alert = services.alert_snooze(alert=self.get_object(), user=request.user, **params.validated_data)
         except services.AlertActionError as exc:
-            raise _action_error(exc) from None
+            raise field_error(exc) from None
         return Response(AlertSerializer(alert).data)
 
 

@@ -32,6 +32,12 @@ class Unavailable(exceptions.APIException):
     default_code = "unavailable"
 
 
+def field_error(exc: Exception) -> exceptions.ValidationError:
+    """The 400 for a service error that names its field (exc.field, and str(exc) "<field>: <message>":
+    FeedbackError, ModelVersionError, AlertActionError): {field: [message]}. Raise it ``from None``."""
+    return exceptions.ValidationError({exc.field: [str(exc).split(": ", 1)[-1]]})
+
+
 def exception_handler(exc, context):
     if isinstance(exc, DjangoValidationError):
         exc = exceptions.ValidationError(exc.message_dict if hasattr(exc, "error_dict") else

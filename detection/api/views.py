@@ -25,7 +25,7 @@ from detection.choices import Verdict
 from detection.models import AnomalyFeedback, AnomalyResult, Device, Fleet, ModelVersion, PipelineRun
 
 from . import health, ingest
-from .errors import Conflict, Unavailable
+from .errors import Conflict, Unavailable, field_error
 from .permissions import HasRole
 from .serializers import (
     AnomalyFeedbackBulkSerializer, AnomalyFeedbackCreateSerializer, AnomalyFeedbackSerializer,
@@ -377,7 +377,7 @@ class ModelVersionViewSet(RoleViewSetMixin, viewsets.ReadOnlyModelViewSet):
         try:
             version = services.model_version_promote(version=version, user=request.user)
         except services.ModelVersionError as exc:
-            raise ValidationError({exc.field: [str(exc).split(": ", 1)[-1]]}) from None
+            raise field_error(exc) from None
         return Response(ModelVersionSerializer(version).data)
 
     @extend_schema(request=ModelVersionRollbackSerializer, responses={200: ModelVersionSerializer})
@@ -388,7 +388,7 @@ class ModelVersionViewSet(RoleViewSetMixin, viewsets.ReadOnlyModelViewSet):
         try:
             version = services.model_version_rollback(fleet=params.validated_data["fleet"], user=request.user)
         except services.ModelVersionError as exc:
-            raise ValidationError({exc.field: [str(exc).split(": ", 1)[-1]]}) from None
+            raise field_error(exc) from None
         return Response(ModelVersionSerializer(version).data)
 
 
@@ -436,7 +436,7 @@ class AnomalyFeedbackViewSet(RoleViewSetMixin, mixins.CreateModelMixin, viewsets
             feedback = services.feedback_give(anomaly=data["anomaly"], user=request.user, verdict=data["verdict"],
                                               comment=data["comment"], client_id=data["client_id"])
         except services.FeedbackError as exc:
-            raise ValidationError({exc.field: [str(exc).split(": ", 1)[-1]]}) from None
+            raise field_error(exc) from None
         return Response(AnomalyFeedbackSerializer(feedback).data, status=status.HTTP_201_CREATED)
 
     @extend_schema(request=AnomalyFeedbackBulkSerializer,
@@ -452,5 +452,5 @@ class AnomalyFeedbackViewSet(RoleViewSetMixin, mixins.CreateModelMixin, viewsets
             done = services.feedback_give_many_by_id(ids=data["anomalies"], user=request.user,
                                                      verdict=data["verdict"], comment=data["comment"])
         except services.FeedbackError as exc:
-            raise ValidationError({exc.field: [str(exc).split(": ", 1)[-1]]}) from None
+            raise field_error(exc) from None
         return Response(AnomalyFeedbackSerializer(done, many=True).data, status=status.HTTP_201_CREATED)
