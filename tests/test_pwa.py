@@ -52,7 +52,7 @@ def test_service_worker_precaches_the_hashed_names_in_production(client, setting
     settings.STATIC_ROOT = tmp_path
     settings.STORAGES = {**settings.STORAGES, "staticfiles": {
         "BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"}}
-    names = ["vigil/app.css", "vigil/pwa.js", "vigil/shortcuts.js", "vigil/charts.js", "vigil/explanations.css",
+    names = ["vigil/app.css", "vigil/pwa.js", "vigil/focus.js", "vigil/shortcuts.js", "vigil/charts.js", "vigil/explanations.css",
               "vigil/vendor/echarts-5.6.0.min.js", "vigil/icons/icon-192.png", "vigil/icons/icon-512.png",
               "vigil/icons/icon-maskable-512.png", "django_htmx/htmx-2.min.js", "django_htmx/ext/hx-ws-2.min.js"]
     hashed = {n: re.sub(r"(\.[a-z]+)$", r".0123456789ab\1", n) for n in names}
