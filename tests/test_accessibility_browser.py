@@ -54,8 +54,14 @@ def _violations(page) -> list[str]:
 
     page.wait_for_load_state("networkidle")
     found = Axe().run(page).response["violations"]
-    return [f"{page.url} ({page.viewport_size['width']} px): {v['id']} ({v['impact']}) "
-            f"{v['help']}: {', '.join(str(n['target']) for n in v['nodes'][:5])}" for v in found]
+    where = f"{page.url} ({page.viewport_size['width']} px)"
+    # axe lets an aria-describedby name an id that is not there; a screen reader then reads nothing
+    # (a form field's error or help text: Django's inputs point at <id>_error and <id>_helptext).
+    dangling = page.evaluate("""() => [...document.querySelectorAll('[aria-describedby], [aria-labelledby]')]
+        .flatMap(e => ['aria-describedby', 'aria-labelledby'].flatMap(a => (e.getAttribute(a) || '').split(/\\s+/)
+        .filter(id => id && !document.getElementById(id)).map(id => `${e.id || e.tagName} ${a}=${id}`)))""")
+    return [f"{where}: {v['id']} ({v['impact']}) {v['help']}: {', '.join(str(n['target']) for n in v['nodes'][:5])}"
+            for v in found] + [f"{where}: no element with the id that {d} names" for d in dangling]
 
 
 def test_every_page_passes_axe_core(live_server, browser, reviewed_fleet):
