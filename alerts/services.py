@@ -19,6 +19,7 @@ from django.utils import timezone
 from django.utils.translation import ngettext
 
 from detection.choices import AuditAction, Label, Verdict
+from detection.errors import InputError
 from detection.ingest.bulk import bulk_insert
 from detection.models import DEFAULT_COHORT_COLUMNS, AnomalyFeedback, AnomalyResult, Device, Fleet
 from detection.services import audit_record
@@ -37,12 +38,8 @@ from .models import Alert, AlertAnomaly, AlertDelivery, AlertEvent, AlertRule
 logger = logging.getLogger(__name__)
 
 
-class AlertActionError(Exception):
+class AlertActionError(InputError):
     """An alert action that cannot happen (wrong status, bad snooze time); field names the input at fault."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(f"{field}: {message}")
 
 
 def _config() -> dict:
@@ -652,7 +649,7 @@ def alert_review(*, alert: Alert, user, verdict: str, comment: str = "") -> int:
             audit_record(action=AuditAction.ALERT_REVIEWED, actor=user, fleet=alert.fleet, target=alert,
                          after={"verdict": verdict, "anomalies": len(done)}, reason=comment.strip()[:500])
     except FeedbackError as exc:
-        raise AlertActionError(exc.field, str(exc).split(": ", 1)[-1]) from None
+        raise AlertActionError(exc.field, exc.message) from None
     return len(done)
 
 

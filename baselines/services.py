@@ -22,6 +22,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from detection.choices import AuditAction, Label, Role, RunStatus, Trigger
+from detection.errors import InputError
 from detection.ingest.loader import load_telemetry_frame
 from detection.ml.artifacts import ArtifactError, load_artifact
 from detection.ml.detectors import DETECTORS
@@ -60,12 +61,8 @@ FEEDBACK_DEFAULTS = {
 SYSTEM_ACTOR = "feedback-loop"
 
 
-class ProposalError(Exception):
+class ProposalError(InputError):
     """A proposal action that cannot happen; field names the input at fault. Nothing was saved."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(f"{field}: {message}")
 
 
 def feedback_settings(fleet: Fleet) -> dict:
@@ -239,12 +236,7 @@ def _supersede(proposal: BaselineProposal, version: BaselineVersion) -> None:
     """Reject a pending proposal of an earlier baseline version on the system actor's behalf (audited)."""
     reason = (f"superseded: made against baseline v{proposal.baseline_version.number}, and suggestions were "
               f"made again on v{version.number}")
-    now = timezone.now()
-    if BaselineProposal.objects.filter(pk=proposal.pk, status=ProposalStatus.PENDING).update(
-            status=ProposalStatus.REJECTED, decided_at=now, decision_comment=reason, updated_at=now) == 1:
-        audit_record(action=AuditAction.PROPOSAL_REJECTED, actor_label=SYSTEM_ACTOR, fleet=proposal.fleet,
-                     target=proposal, before={"status": ProposalStatus.PENDING},
-                     after={"status": ProposalStatus.REJECTED}, reason=reason)
+    _decide_pending(proposal, ProposalStatus.REJECTED, user=None, actor_label=SYSTEM_ACTOR, comment=reason)
 
 
 def _llm_suggestions(anomalies, feedback, baselines, levels, opts) -> list[engine.BaselineFeedback]:
@@ -379,20 +371,31 @@ def proposal_approve(*, proposal: BaselineProposal, user, comment: str = "", enq
     return _approve(proposal, user=user, actor_label="", comment=comment, enqueue=enqueue)
 
 
+_DECISION_AUDIT = {ProposalStatus.APPROVED: AuditAction.PROPOSAL_APPROVED,
+                   ProposalStatus.REJECTED: AuditAction.PROPOSAL_REJECTED}
+
+
+def _decide_pending(proposal: BaselineProposal, status: str, *, user, actor_label: str = "", comment: str) -> bool:
+    """Move a pending proposal to status (approved or rejected), decided by user (None: the system actor
+    actor_label) with comment (stored stripped), and audit it, in one conditional update. proposal is
+    refreshed from the database. Returns False, with nothing written, when it was no longer pending."""
+    now = timezone.now()
+    done = BaselineProposal.objects.filter(pk=proposal.pk, status=ProposalStatus.PENDING).update(
+        status=status, decided_by=user, decided_at=now, decision_comment=comment.strip(), updated_at=now)
+    proposal.refresh_from_db()
+    if done == 1:
+        audit_record(action=_DECISION_AUDIT[status], actor=user, actor_label=actor_label, fleet=proposal.fleet,
+                     target=proposal, before={"status": ProposalStatus.PENDING}, after={"status": status},
+                     reason=comment)
+    return done == 1
+
+
 def _approve(proposal, *, user, actor_label, comment, enqueue) -> BaselineProposal:
     with transaction.atomic():
-        now = timezone.now()
-        done = BaselineProposal.objects.filter(pk=proposal.pk, status=ProposalStatus.PENDING).update(
-            status=ProposalStatus.APPROVED, decided_by=user, decided_at=now, decision_comment=comment.strip(),
-            updated_at=now)
-        if done != 1:
-            proposal.refresh_from_db()
+        if not _decide_pending(proposal, ProposalStatus.APPROVED, user=user, actor_label=actor_label,
+                               comment=comment):
             raise ProposalError("status", f"proposal {proposal.pk} is {proposal.status}; only a pending one can "
                                           f"be approved")
-        proposal.refresh_from_db()
-        audit_record(action=AuditAction.PROPOSAL_APPROVED, actor=user, actor_label=actor_label, fleet=proposal.fleet,
-                     target=proposal, before={"status": ProposalStatus.PENDING},
-                     after={"status": ProposalStatus.APPROVED}, reason=comment)
         if enqueue:
             from .tasks import enqueue_apply_chain
 
@@ -439,17 +442,9 @@ def proposal_reject(*, proposal: BaselineProposal, user, comment: str = "") -> B
     """Reject a pending proposal (approver role). Audited (PROPOSAL_REJECTED). Raises ProposalError."""
     _check_approver(proposal, user)
     with transaction.atomic():
-        now = timezone.now()
-        done = BaselineProposal.objects.filter(pk=proposal.pk, status=ProposalStatus.PENDING).update(
-            status=ProposalStatus.REJECTED, decided_by=user, decided_at=now, decision_comment=comment.strip(),
-            updated_at=now)
-        proposal.refresh_from_db()
-        if done != 1:
+        if not _decide_pending(proposal, ProposalStatus.REJECTED, user=user, comment=comment):
             raise ProposalError("status", f"proposal {proposal.pk} is {proposal.status}; only a pending one can "
                                           f"be rejected")
-        audit_record(action=AuditAction.PROPOSAL_REJECTED, actor=user, fleet=proposal.fleet, target=proposal,
-                     before={"status": ProposalStatus.PENDING}, after={"status": ProposalStatus.REJECTED},
-                     reason=comment)
     return proposal
 
 

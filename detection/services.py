@@ -23,6 +23,7 @@ from django.utils import timezone
 from baselines.models import BaselineStatistic, BaselineVersion
 
 from .choices import AuditAction, Label, ModelStatus, RunStage, RunStatus, Trigger, Verdict
+from .errors import InputError
 from .ingest.bulk import bulk_insert, bulk_insert_columns
 from .ingest.loader import load_telemetry_frame
 from .ml.artifacts import FORMAT_VERSION, ArtifactError, load_artifact, save_artifact
@@ -380,12 +381,8 @@ def fleet_delete(*, fleet: Fleet) -> None:
 
 # --- review feedback and model versions ------------------------------------------------------------
 
-class FeedbackError(Exception):
+class FeedbackError(InputError):
     """A verdict that cannot be recorded; field names the input at fault. Nothing was saved."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(f"{field}: {message}")
 
 
 FEEDBACK_COMMENT_MAX = 2000
@@ -494,12 +491,8 @@ def ids_text(ids: list[int], shown: int = 10) -> str:
     return ", ".join(map(str, ids[:shown])) + (" ..." if len(ids) > shown else "")
 
 
-class ModelVersionError(Exception):
+class ModelVersionError(InputError):
     """A promotion or rollback that cannot happen; field names what is at fault. Nothing changed."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(f"{field}: {message}")
 
 
 ROLLED_BACK = "rolled back"

@@ -15,6 +15,8 @@ from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
+from detection.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 
@@ -32,10 +34,10 @@ class Unavailable(exceptions.APIException):
     default_code = "unavailable"
 
 
-def field_error(exc: Exception) -> exceptions.ValidationError:
-    """The 400 for a service error that names its field (exc.field, and str(exc) "<field>: <message>":
-    FeedbackError, ModelVersionError, AlertActionError): {field: [message]}. Raise it ``from None``."""
-    return exceptions.ValidationError({exc.field: [str(exc).split(": ", 1)[-1]]})
+def field_error(exc: InputError) -> exceptions.ValidationError:
+    """The 400 for a service error that names its field (detection.errors.InputError: FeedbackError,
+    ModelVersionError, AlertActionError): {field: [message]}. Raise it ``from None``."""
+    return exceptions.ValidationError({exc.field: [exc.message]})
 
 
 def exception_handler(exc, context):
