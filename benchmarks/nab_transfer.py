@@ -8,8 +8,8 @@ of files never seen. For each category C (standard profile unless --profile):
 - in-sample: C's score at the threshold swept on C itself (what `evaluate nab` on C alone reports);
 - carried: the detector's own calibration, threshold swept on the other categories, applied to C;
 - nested: the calibration variant AND the threshold picked on the other categories (among --bands x
-  --suppress ratio_suppress variants, plus the detector's own), applied to C. This repeats the whole
-  choice without C, so it also charges the selection among variants.
+  --suppress variants of both ratio_suppress and ratio_wait, plus the detector's own), applied to C.
+  This repeats the whole choice without C, so it also charges the selection among variants.
 
 The pooled rows sum the raw scores of every held-out category (files without windows, such as
 artificialNoAnomaly, count their false positives there too) and normalise once (null 0, perfect 100).
@@ -45,22 +45,27 @@ def calibrated(raw_series, *, calibration: str, ranks: tuple[int, int], suppress
         for s in raw_series]
 
 
-def totals(series, cost, threshold: float) -> tuple[float, float, float]:
-    """(raw, null, perfect) of the files at one threshold."""
+def totals(series, cost, threshold: float, wait: int = 0) -> tuple[float, float, float]:
+    """(raw, null, perfect) of the files at one threshold (wait: rows silent after a detection)."""
     from detection.ml import nab
 
     prepared = [nab._prepare(s, cost, nab.PROBATION_PERCENT) for s in series]
     windows = sum(len(p.windows) for p in prepared)
-    raw = sum(nab._score_prepared(p, p.scores >= threshold, cost).raw for p in prepared)
+    raw = sum(nab._score_prepared(p, nab.detections_at(p, threshold, wait), cost).raw for p in prepared)
     return raw, -cost.fn_weight * windows, cost.tp_weight * windows
 
 
-def swept(series, cost) -> tuple[float, float]:
+def swept(series, cost, wait: int = 0) -> tuple[float, float]:
     """(best raw score, its threshold) over the files: NAB's sweep (the highest threshold on ties)."""
     from detection.ml import nab
 
-    best = max(nab.sweep(series, cost), key=lambda c: c.raw)
+    best = max(nab.sweep(series, cost, wait=wait), key=lambda c: c.raw)
     return best.raw, best.threshold
+
+
+def wait_of(key) -> int:
+    """The sweep's wait of a (calibration, ranks, rows) variant: its rows for *_wait, else 0."""
+    return key[2] if key[0].endswith("_wait") else 0
 
 
 def normalised(raw: float, null: float, perfect: float) -> float | None:
@@ -110,8 +115,9 @@ def main() -> None:
     for band in args.bands.split(","):
         lo, hi = (int(v) for v in band.split("-"))
         for rows in (int(v) for v in args.suppress.split(",")):
-            key = ("ratio_suppress", (lo, hi), rows)
-            variants.setdefault(key, calibrated(result.raw_series, calibration=key[0], ranks=key[1], suppress=rows))
+            for kind in ("ratio_suppress", "ratio_wait"):
+                key = (kind, (lo, hi), rows)
+                variants.setdefault(key, calibrated(result.raw_series, calibration=kind, ranks=key[1], suppress=rows))
 
     def category(name: str) -> str:
         return name.split("/")[0]
@@ -123,24 +129,24 @@ def main() -> None:
             return ([s for s in series if category(s.name) != held], [s for s in series if category(s.name) == held])
 
         train, test = split(variants[own])
-        _, threshold = swept(train, cost)
-        carried = totals(test, cost, threshold)
-        _, own_threshold = swept(test, cost)
-        in_sample = totals(test, cost, own_threshold)
+        _, threshold = swept(train, cost, wait_of(own))
+        carried = totals(test, cost, threshold, wait_of(own))
+        _, own_threshold = swept(test, cost, wait_of(own))
+        in_sample = totals(test, cost, own_threshold, wait_of(own))
         picks = []
         for key, series in variants.items():
             train_v, _ = split(series)
-            raw, thr = swept(train_v, cost)
+            raw, thr = swept(train_v, cost, wait_of(key))
             picks.append((raw, key, thr))
         _, key, thr = max(picks, key=lambda p: p[0])
-        nested = totals(split(variants[key])[1], cost, thr)
+        nested = totals(split(variants[key])[1], cost, thr, wait_of(key))
         for name, figures in (("carried", carried), ("nested", nested), ("in_sample", in_sample)):
             pooled[name] += np.asarray(figures)
         rows.append({"category": held, "files": len(test), "windows": int(round(carried[2] / cost.tp_weight)),
                      "in_sample": normalised(*in_sample), "carried": normalised(*carried),
                      "carried_threshold": round(threshold, 4), "nested": normalised(*nested),
                      "nested_choice": f"{key[0]} ranks {key[1][0]}-{key[1][1]}, {key[2]} rows"})
-    everything = totals(variants[own], cost, swept(variants[own], cost)[1])
+    everything = totals(variants[own], cost, swept(variants[own], cost, wait_of(own))[1], wait_of(own))
     figures = {"detector": args.detector, "window": args.window, "profile": args.profile, "calibration": f"{own[0]} ranks "
                f"{own[1][0]}-{own[1][1]}, {own[2]} rows", "all_files": normalised(*everything),
                "pooled": {k: normalised(*v) for k, v in pooled.items()}, "categories": rows}

@@ -9,8 +9,8 @@ runs the pipeline on it and scores the result against the benchmark's labels:
 - evaluate_nab: NAB's protocol (detection.ml.nab): one detector instance per file, trained on the
   file's probationary rows, streaming features only; the anomaly scores of the other rows are
   calibrated causally (streaming rank, or the detector's own choice such as the ratio to its
-  earlier top scores; then only new highs of the recent rows count) and go to NAB's sweeper, which
-  picks one threshold per profile for the whole corpus.
+  earlier top scores; then only new highs of the recent rows count, or a wait after each
+  detection) and go to NAB's sweeper, which picks one threshold per profile for the whole corpus.
 - evaluate_cmapss: C-MAPSS FD001 run-to-failure engines through the pipeline service: train on the
   first cycles of every engine, score the rest against the last `degraded_cycles` cycles before
   failure (precision, recall, F1, cycles of early warning).
@@ -46,6 +46,7 @@ from .ml.nab import (
     load_profiles,
     nab_score,
     probationary_length,
+    refractory,
     streaming_order_ratio,
     streaming_rank,
     streaming_top_rank,
@@ -271,8 +272,8 @@ class NabEvaluationResult:
     # in-sample), for analyses that re-calibrate without re-running the detector
     # (benchmarks/nab_transfer.py). A file whose training failed has none. Not in as_dict().
     raw_series: list[NabSeries] = field(default_factory=list, repr=False)
-    calibration: str = "rank_suppress"
-    suppress_rows: int | None = None  # the *_suppress window; None when the calibration has none
+    calibration: str = "rank_wait"
+    suppress_rows: int | None = None  # the *_suppress window or *_wait rows; None when the calibration has none
 
     def as_dict(self) -> dict:
         return {"dataset": self.dataset, "detector": self.detector, "calibration": self.calibration,
@@ -285,11 +286,13 @@ class NabEvaluationResult:
 
 
 FileProgress = Callable[[str, str, dict], None]
-NAB_CALIBRATIONS = ("rank_suppress", "rank", "top_suppress", "top", "ratio_suppress", "ratio", "none")
+NAB_CALIBRATIONS = ("rank_suppress", "rank", "rank_wait", "top_suppress", "top", "top_wait", "ratio_suppress",
+                    "ratio", "ratio_wait", "none")
 _NAB_CALIBRATE = {"rank": streaming_rank, "top": streaming_top_rank, "ratio": streaming_order_ratio}
 # *_suppress: rows that are no new high of the last N rows score 0 (detection.ml.nab.suppress_repeats);
-# one rule for every file. N is the detector's nab_suppress_rows (50 unless it names another), or
-# VIGIL_NAB_SUPPRESS_ROWS for every detector when that is set.
+# *_wait: after each detection the file stays silent for N rows (detection.ml.nab.refractory; the sweep
+# simulates it at every threshold). One rule for every file. N is the detector's nab_suppress_rows (50
+# unless it names another), or VIGIL_NAB_SUPPRESS_ROWS for every detector when that is set.
 NAB_SUPPRESS_ROWS = 50
 _NAB_SUPPRESS_OVERRIDE = os.environ.get("VIGIL_NAB_SUPPRESS_ROWS")
 
@@ -308,13 +311,14 @@ def evaluate_nab(*, path: Path | str, results_dir: Path | str | None = None, kee
     features (trailing windows, backward lags); the other rows are scored. The pipeline's own
     threshold is not used: NAB's sweeper picks one threshold per profile over the corpus.
     calibration None (default) is the detector's own (its class attribute nab_calibration:
-    "rank_suppress" for all but nn_novelty, which uses "ratio_suppress"). "rank_suppress" is "rank"
+    "rank_wait" for all but nn_novelty, which uses "ratio_wait"). "rank_suppress" is "rank"
     followed by detection.ml.nab.suppress_repeats (a score counts only where it is a new high of
     the last N rows, N the detector's nab_suppress_rows: 50, 20 for nn_novelty; so one event fires
-    once); "rank" turns each file's scores into their streaming rank
-    (detection.ml.nab.streaming_rank: the share of the file's earlier scores, its in-sample
-    probationary scores included, that each score exceeds), so that one threshold means the same
-    in every file; "top" into their reciprocal rank from the top of the same
+    once); "*_wait" instead keeps a file silent for N rows after each detection (a refractory
+    period, detection.ml.nab.refractory, simulated by NAB's sweeper at every threshold); "rank"
+    turns each file's scores into their streaming rank (detection.ml.nab.streaming_rank: the share
+    of the file's earlier scores, its in-sample probationary scores included, that each score
+    exceeds), so that one threshold means the same in every file; "top" into their reciprocal rank from the top of the same
     history (detection.ml.nab.streaming_top_rank: 1 / (1 + the number of earlier scores at least as
     high), so one threshold means "among the K highest so far"), "top_suppress" then suppresses
     repeats; "ratio" divides each score by the geometric mean of the 8th to 16th highest of the same
@@ -325,7 +329,9 @@ def evaluate_nab(*, path: Path | str, results_dir: Path | str | None = None, kee
     nothing varies) never detects, with a warning.
     With results_dir, writes NAB's results layout DIR/<detector>/<category>/<detector>_<file>.csv
     (timestamp, value, anomaly_score, label); anomaly_score is empty where the detector gave no
-    score (the probationary rows). progress(file, stage, info) follows each pipeline stage.
+    score (the probationary rows) and, for the *_wait calibrations, 0 where a detection at the
+    standard profile's threshold silenced the row, so that NAB's own sweeper finds the same
+    detections there. progress(file, stage, info) follows each pipeline stage.
     Raises EvaluationError (and detection.ingest.IngestError for unreadable files).
     """
     started = time.perf_counter()
@@ -347,6 +353,7 @@ def evaluate_nab(*, path: Path | str, results_dir: Path | str | None = None, kee
             raise EvaluationError(str(exc)) from None
         calibration = calibration or nab_calibration(detection["algorithm"])
         suppress_rows = nab_suppress_rows(detection["algorithm"])
+        wait = suppress_rows if calibration.endswith("_wait") else 0
         frame = load_telemetry_frame(fleet)
         truth = load_ground_truth(fleet)
         _check_nab_windows(frame, truth)
@@ -384,7 +391,7 @@ def evaluate_nab(*, path: Path | str, results_dir: Path | str | None = None, kee
         if failed == len(series):
             raise EvaluationError(f"the pipeline failed on every file: {'; '.join(_collapse(warnings))}")
         try:
-            scored = nab_score(series, profiles)
+            scored = nab_score(series, profiles, wait=wait)
         except NabError as exc:
             raise EvaluationError(str(exc)) from None
         for profile in scored.values():
@@ -392,13 +399,18 @@ def evaluate_nab(*, path: Path | str, results_dir: Path | str | None = None, kee
                 per_file[name][profile.profile] = score.as_dict()
         algorithm = detection["algorithm"]
         if results_dir:
-            _write_nab_results(Path(results_dir), algorithm, frame, series)
+            written = series
+            if wait:  # the rows a detection silenced at the standard threshold score 0
+                threshold = (scored.get("standard") or next(iter(scored.values()))).threshold
+                written = [replace(s, scores=_silenced(s.scores, threshold, wait)) for s in series]
+            _write_nab_results(Path(results_dir), algorithm, frame, written)
         return NabEvaluationResult(
             algorithm, scored, len(series), len(frame), sum(len(s.scores) - probationary_length(len(s.scores))
                                                               for s in series),
             time.perf_counter() - started, timings, detection, per_file, _collapse(warnings),
             calibration=calibration,
-            suppress_rows=suppress_rows if calibration.endswith("_suppress") else None, raw_series=raw_series)
+            suppress_rows=suppress_rows if calibration.endswith(("_suppress", "_wait")) else None,
+            raw_series=raw_series)
     finally:
         if not keep:
             fleet_delete(fleet=fleet)
@@ -421,7 +433,8 @@ def nab_calibrated(raw, probation: int, calibration: str, suppress_rows: int, *,
                    ranks: tuple[int, int] = ORDER_RATIO_RANKS) -> np.ndarray:
     """One file's raw scores (n, time order; the first `probation` in-sample) as evaluate_nab sweeps
     them: calibrated (one of NAB_CALIBRATIONS; ranks are the ratio's), NaN on the probationary rows,
-    repeats within suppress_rows suppressed for the *_suppress calibrations. Raises ValueError for
+    repeats within suppress_rows suppressed for the *_suppress calibrations (the *_wait ones leave
+    the scores as they are: their wait is the sweep's, nab_score(wait=...)). Raises ValueError for
     ranks or suppress_rows out of range (detection.ml.nab)."""
     kind = calibration.split("_")[0]
     if kind == "ratio":
@@ -436,15 +449,25 @@ def nab_calibrated(raw, probation: int, calibration: str, suppress_rows: int, *,
     return scores
 
 
+def _silenced(scores: np.ndarray, threshold: float, wait: int) -> np.ndarray:
+    """scores with 0 on the rows at or above threshold that a detection within `wait` rows before
+    silenced (detection.ml.nab.refractory); NaN stays NaN."""
+    above = np.nan_to_num(scores, nan=-np.inf) >= threshold
+    out = np.array(scores, dtype="float64")
+    out[above & ~refractory(above, wait)] = 0.0
+    return out
+
+
 def nab_calibration(algorithm: str) -> str:
-    """The NAB calibration a detector asks for (its nab_calibration attribute; "rank_suppress" if none)."""
+    """The NAB calibration a detector asks for (its nab_calibration attribute; "rank_wait" if none)."""
     from .ml.detectors import DETECTORS
 
-    return getattr(DETECTORS.get(algorithm), "nab_calibration", "rank_suppress")
+    return getattr(DETECTORS.get(algorithm), "nab_calibration", "rank_wait")
 
 
 def nab_suppress_rows(algorithm: str) -> int:
-    """Rows over which *_suppress calibrations keep only new highs: VIGIL_NAB_SUPPRESS_ROWS when set,
+    """Rows over which *_suppress calibrations keep only new highs, and that *_wait calibrations stay
+    silent after a detection: VIGIL_NAB_SUPPRESS_ROWS when set,
     else the detector's nab_suppress_rows attribute, else NAB_SUPPRESS_ROWS (50). Raises
     EvaluationError for a VIGIL_NAB_SUPPRESS_ROWS that is not a whole number >= 1."""
     from .ml.detectors import DETECTORS

@@ -1,5 +1,5 @@
 """nn_novelty on crafted series (what is new scores high, what was seen before scores low, nothing looks
-ahead) and the "top" and "ratio" calibrations of evaluate_nab (ratio_suppress is nn_novelty's own)."""
+ahead) and the "top" and "ratio" calibrations of evaluate_nab (ratio_wait is nn_novelty's own)."""
 import numpy as np
 import pandas as pd
 import pytest
@@ -201,11 +201,11 @@ def test_evaluate_nab_uses_the_detectors_own_calibration_unless_told(shared_data
 
     root = _nab_layout(tmp_path / "nab", shared_data)
     novelty = evaluate_nab(path=root, config={"algorithm": "nn_novelty"})
-    assert novelty.calibration == "ratio_suppress" and novelty.as_dict()["calibration"] == "ratio_suppress"
+    assert novelty.calibration == "ratio_wait" and novelty.as_dict()["calibration"] == "ratio_wait"
     assert novelty.suppress_rows == 20 and novelty.as_dict()["suppress_rows"] == 20
     # Measured: both windows detected (the shift at its first row, the spike mid-window).
     assert novelty.profiles["standard"].detected_windows == 2
-    assert evaluate_nab(path=root, config={"algorithm": "robust_z"}).calibration == "rank_suppress"
+    assert evaluate_nab(path=root, config={"algorithm": "robust_z"}).calibration == "rank_wait"
     told = evaluate_nab(path=root, config={"algorithm": "nn_novelty"}, calibration="rank")
     assert told.calibration == "rank" and told.suppress_rows is None
     with pytest.raises(EvaluationError, match="calibration must be one of"):
@@ -225,8 +225,8 @@ def test_the_raw_scores_kept_by_evaluate_nab_recalibrate_to_its_own_result(share
     for s in result.raw_series:  # every row, the probationary ones in-sample
         assert not np.isnan(s.scores).any() and len(s.scores) == result.per_file[s.name]["rows"]
     again = [type(s)(s.name, s.timestamps, evaluation.nab_calibrated(
-        s.scores, probationary_length(len(s.scores)), "ratio_suppress", 20), s.windows) for s in result.raw_series]
-    rescored = nab_score(again, load_profiles(root / "config" / "profiles.json"))
+        s.scores, probationary_length(len(s.scores)), "ratio_wait", 20), s.windows) for s in result.raw_series]
+    rescored = nab_score(again, load_profiles(root / "config" / "profiles.json"), wait=20)
     for name, profile in result.profiles.items():
         assert rescored[name].score == pytest.approx(profile.score)
         assert rescored[name].threshold == pytest.approx(profile.threshold)

@@ -18,6 +18,7 @@ from detection.ml.nab import (
     nab_score,
     normalised_score,
     probationary_length,
+    refractory,
     scaled_sigmoid,
     suppress_repeats,
     score_detections,
@@ -212,6 +213,71 @@ def test_sweep_matches_scoring_each_threshold_one_by_one():
             one_by_one = sum(score_detections(s.timestamps, s.scores >= t.threshold, s.windows, cost).raw
                              for s in corpus)
             assert t.raw == pytest.approx(one_by_one, abs=1e-9)
+
+
+def test_refractory_keeps_a_detection_only_when_none_of_the_wait_before_it_was_kept():
+    d = detections(20, 2, 3, 4, 5, 6, 9, 12, 13)
+    # wait 3: 2 kept; 3-5 within 3 rows of it; 6 is 4 rows after 2 -> kept; 9 is 3 after 6 -> dropped
+    # (a dropped row silences nothing); 12 is 6 after 6 -> kept; 13 dropped.
+    assert np.flatnonzero(refractory(d, 3)).tolist() == [2, 6, 12]
+    assert np.flatnonzero(refractory(d, 1)).tolist() == [2, 4, 6, 9, 12]
+    assert (refractory(d, 0) == d).all()
+    with pytest.raises(ValueError, match="wait must be at least 0"):
+        refractory(d, -1)
+
+
+def test_sweep_with_a_wait_on_a_crafted_corpus():
+    # One window on rows 500..599 (W = 100), standard profile. A rising score 0.5, 0.6, 0.7 on rows
+    # 300-302 (before the window: each detection costs the full -0.11) and 0.9 on row 510 (y = -0.9).
+    scores = np.zeros(N)
+    scores[[300, 301, 302]] = [0.5, 0.6, 0.7]
+    scores[510] = 0.9
+    corpus = [NabSeries("a", TS, scores, WIN)]
+    tp = float(scaled_sigmoid(-0.9)) / MAX_TP  # 0.9788... / 0.9866... = 0.99212
+    plain = {t.threshold: t for t in sweep(corpus, STANDARD)}
+    waited = {t.threshold: t for t in sweep(corpus, STANDARD, wait=5)}
+    # Without a wait, every row of the rise is a false positive: 0.5 -> tp - 3 * 0.11.
+    assert plain[0.5].raw == pytest.approx(tp - 0.33) and plain[0.5].false_positives == 3
+    # With a wait of 5 rows the first row of the rise silences the other two: tp - 0.11 at 0.5;
+    # at 0.6 row 301 fires first and silences 302.
+    assert waited[0.5].raw == pytest.approx(tp - 0.11) and waited[0.5].false_positives == 1
+    assert waited[0.6].raw == pytest.approx(tp - 0.11) and waited[0.6].detections == 2
+    assert waited[0.9].raw == pytest.approx(tp) and waited[math.inf].raw == pytest.approx(-1.0)
+    result = nab_score(corpus, {"standard": STANDARD}, wait=5)["standard"]
+    assert result.threshold == 0.9 and result.per_file["a"].false_positives == 0
+    # A wait that reaches the window silences its detection: 0.5 then misses it (-1 - 0.11).
+    near = scores.copy()
+    near[[300, 301, 302]] = 0.0
+    near[505] = 0.5
+    assert {t.threshold: t for t in sweep([NabSeries("a", TS, near, WIN)], STANDARD, wait=10)}[0.5].raw \
+        == pytest.approx(float(scaled_sigmoid(-0.95)) / MAX_TP)
+    with pytest.raises(ValueError, match="wait must be at least 0"):
+        sweep(corpus, STANDARD, wait=-1)
+
+
+def test_sweep_with_a_wait_matches_scoring_each_threshold_one_by_one():
+    # The wait's sweep switches rows on one by one and re-decides only the rows a change reaches;
+    # scoring each candidate threshold from scratch (refractory, then score_detections) must agree.
+    rng = np.random.default_rng(5)
+    for trial in range(12):
+        corpus = []
+        for k in range(int(rng.integers(1, 4))):
+            n = int(rng.integers(300, 700))
+            ts = stamps(n)
+            scores = np.round(rng.random(n) * 3, 1)  # rounding makes ties
+            scores[rng.random(n) < 0.1] = np.nan
+            corpus.append(NabSeries(f"f{k}", ts, scores, [window(ts, 150, 170 + k), window(ts, 250, 252)]))
+        wait = int(rng.integers(1, 12))
+        for cost in (STANDARD, LOW_FN):
+            for t in sweep(corpus, cost, wait=wait):
+                one_by_one = []
+                for s in corpus:
+                    d = np.nan_to_num(s.scores, nan=-1) >= t.threshold
+                    d[:probationary_length(len(d))] = False
+                    one_by_one.append(score_detections(s.timestamps, refractory(d, wait), s.windows, cost))
+                assert t.raw == pytest.approx(sum(f.raw for f in one_by_one), abs=1e-9), (trial, t)
+                assert t.false_positives == sum(f.false_positives for f in one_by_one)
+                assert t.detected_windows == sum(f.detected for f in one_by_one)
 
 
 def test_normalisation_needs_a_window():

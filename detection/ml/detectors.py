@@ -270,8 +270,9 @@ class AnomalyDetector:
     experimental = False  # True: selectable by name, left out of the benchmark table (table_detectors)
     # How evaluate_nab turns this detector's scores into one corpus-wide scale when the caller
     # names none (detection.evaluation.NAB_CALIBRATIONS).
-    nab_calibration = "rank_suppress"
-    # Rows over which *_suppress keeps only new highs (detection.evaluation.nab_suppress_rows).
+    nab_calibration = "rank_wait"
+    # Rows over which *_suppress keeps only new highs and *_wait stays silent after a detection
+    # (detection.evaluation.nab_suppress_rows).
     nab_suppress_rows = 50
     hyperparameters = {
         "contamination": {"default": 0.03, "min": 0.001, "max": 0.5},

@@ -34,6 +34,13 @@ normalize). The rules, as implemented here:
   detected at its first row, no false positive).
 - Profiles: config/profiles.json, {name: {"CostMatrix": {"tpWeight", "fpWeight", "fnWeight",
   "tnWeight"}}}; tnWeight is unused, as in NAB.
+
+One extension, off unless asked for (`wait` > 0 in sweep and nab_score): a detector's alarm policy
+may hold a file silent for `wait` rows after each detection (a refractory period: a row at or above
+the threshold detects only when no row of the `wait` before it detected). The sweep then simulates
+that policy at every candidate threshold, since which rows a detection silences depends on the
+threshold. It is causal (a row's detection depends on earlier rows only) and one rule for every
+file, as the fixed wait after each detection of HTM's and ARTime's NAB runners.
 """
 from __future__ import annotations
 
@@ -235,6 +242,32 @@ def _score_prepared(p: _Prepared, detections: np.ndarray, cost: CostMatrix) -> F
     return FileScore(raw + fp_cost, len(p.windows), detected, int(fp.sum()), fp_cost)
 
 
+def refractory(detections, wait: int) -> np.ndarray:
+    """One file's detections (n rows, bool, time order) with every detection that follows an earlier
+    kept one by `wait` rows or fewer dropped: row t stays a detection only when none of rows
+    t - wait .. t - 1 is one (after dropping). wait 0 returns a copy. Raises ValueError for wait < 0."""
+    if wait < 0:
+        raise ValueError(f"wait must be at least 0 rows, got {wait}")
+    detections = np.asarray(detections, dtype=bool)
+    out = detections.copy()
+    if wait:
+        last = -wait - 1
+        for t in np.flatnonzero(detections):
+            if t - last > wait:
+                last = t
+            else:
+                out[t] = False
+    return out
+
+
+def detections_at(p: _Prepared, threshold: float, wait: int = 0) -> np.ndarray:
+    """A prepared file's detections at a threshold: scored rows (after the probationary period) at
+    or above it, then the refractory wait (see refractory)."""
+    detections = p.scores >= threshold
+    detections[:p.probation] = False
+    return refractory(detections, wait)
+
+
 @dataclass(frozen=True)
 class ThresholdScore:
     """The corpus raw score when every row with score >= threshold is a detection."""
@@ -247,14 +280,23 @@ class ThresholdScore:
 
 
 def sweep(series: Sequence[NabSeries], cost: CostMatrix, *, probation_percent: float = PROBATION_PERCENT,
-          _prepared: Sequence[_Prepared] | None = None) -> list[ThresholdScore]:
+          wait: int = 0, _prepared: Sequence[_Prepared] | None = None) -> list[ThresholdScore]:
     """NAB's threshold sweep over a corpus: the raw score at every distinct anomaly score.
 
-    Returns one ThresholdScore per candidate, threshold descending, starting with +inf (no
-    detection, the null score). O(R log R) in the scored rows R of all files (NAB's
-    calcScoreByThreshold, vectorised: a window's credit is the running maximum of its rewards).
+    wait: rows after each detection in which the same file does not detect again (refractory; 0:
+    NAB's own rule, every row at or above the threshold detects). Returns one ThresholdScore per
+    candidate, threshold descending, starting with +inf (no detection, the null score). wait 0:
+    O(R log R) in the scored rows R of all files (NAB's calcScoreByThreshold, vectorised: a
+    window's credit is the running maximum of its rewards). wait > 0: the rows are switched on one
+    by one, highest score first, and each one re-decides only the rows its detection (or a
+    detection it silences) reaches, O(R log R + R x wait x chain) (numba, compiled on first use).
+    Raises ValueError for wait < 0.
     """
     prepared = _prepared if _prepared is not None else [_prepare(s, cost, probation_percent) for s in series]
+    if wait < 0:
+        raise ValueError(f"wait must be at least 0 rows, got {wait}")
+    if wait:
+        return _sweep_refractory(prepared, cost, int(wait))
     n_windows = sum(len(p.windows) for p in prepared)
     null = -cost.fn_weight * n_windows
     scores, rewards, keys, offset = [], [], [], 0
@@ -289,6 +331,110 @@ def sweep(series: Sequence[NabSeries], cost: CostMatrix, *, probation_percent: f
     detected, fps = np.cumsum(first)[idx], np.cumsum(outside)[idx]
     out += [ThresholdScore(float(score[i]), float(total[i]), int(i + 1), int(d), int(f))
             for i, d, f in zip(idx, detected, fps)]
+    return out
+
+
+_REFRACTORY_KERNEL = None
+
+
+def _refractory_sweep(order, scores, reward, window, lows, highs, wait, fn_weight, null):  # numba: _refractory_kernel()
+    """Rows (positions in one line of all files, files wait + 1 apart) switched on in `order`; after
+    each run of equal scores, the totals of the detections that the refractory rule keeps."""
+    n = len(reward)
+    active = np.zeros(n, dtype=np.bool_)
+    detected = np.zeros(n, dtype=np.bool_)
+    credit = np.full(len(lows), -fn_weight)
+    groups = 1
+    for k in range(1, len(order)):
+        if scores[k] != scores[k - 1]:
+            groups += 1
+    thresholds = np.empty(groups)
+    totals = np.empty(groups)
+    counts = np.zeros((groups, 3), dtype=np.int64)  # detections, windows detected, false positives
+    total, n_detections, n_hits, n_fps, g = null, 0, 0, 0, 0
+    for k in range(len(order)):
+        row = order[k]
+        active[row] = True
+        silenced = False
+        for j in range(max(0, row - wait), row):
+            if detected[j]:
+                silenced = True
+                break
+        if not silenced:
+            # Switch row on, then re-decide the rows after it until one keeps its detection: from
+            # there on every row sees the same detections in its last `wait` rows as before.
+            last, horizon, j = row, row + wait, row
+            while j < n and j <= horizon:
+                if j == row or active[j]:
+                    now = j == row or j - last > wait
+                    if now != detected[j]:
+                        detected[j] = now
+                        n_detections += 1 if now else -1
+                        w = window[j]
+                        if w < 0:
+                            total += reward[j] if now else -reward[j]
+                            n_fps += 1 if now else -1
+                        else:
+                            best = -fn_weight
+                            for i in range(lows[w], highs[w] + 1):
+                                if detected[i] and reward[i] > best:
+                                    best = reward[i]
+                            if (best > -fn_weight) != (credit[w] > -fn_weight):
+                                n_hits += 1 if best > -fn_weight else -1
+                            total += best - credit[w]
+                            credit[w] = best
+                        horizon = max(horizon, j + wait)
+                    elif now:
+                        break
+                    if now:
+                        last = j
+                j += 1
+        if k == len(order) - 1 or scores[k + 1] != scores[k]:
+            thresholds[g] = scores[k]
+            totals[g] = total
+            counts[g, 0], counts[g, 1], counts[g, 2] = n_detections, n_hits, n_fps
+            g += 1
+    return thresholds, totals, counts
+
+
+def _refractory_kernel():
+    global _REFRACTORY_KERNEL
+    if _REFRACTORY_KERNEL is None:
+        import numba
+
+        _REFRACTORY_KERNEL = numba.njit(cache=False)(_refractory_sweep)
+    return _REFRACTORY_KERNEL
+
+
+def _sweep_refractory(prepared: Sequence[_Prepared], cost: CostMatrix, wait: int) -> list[ThresholdScore]:
+    n_windows = sum(len(p.windows) for p in prepared)
+    null = -cost.fn_weight * n_windows
+    scores, rewards, windows, lows, highs, offset = [], [], [], [], [], 0
+    for p in prepared:
+        s = p.scores.copy()
+        s[:p.probation] = np.nan
+        # Windows without a scored row count for nothing; their rows are never switched on.
+        counted = {k: len(lows) + i for i, k in enumerate(p.windows)}
+        for k in p.windows:
+            rows = np.flatnonzero(p.window == k)
+            lows.append(offset + int(rows[0]))
+            highs.append(offset + int(rows[-1]))
+        s[(p.window >= 0) & ~np.isin(p.window, p.windows)] = np.nan
+        scores.append(np.r_[s, np.full(wait + 1, np.nan)])  # a gap of wait + 1 rows between files
+        rewards.append(np.r_[p.reward, np.zeros(wait + 1)])
+        windows.append(np.r_[[counted.get(int(k), -1) for k in p.window], np.full(wait + 1, -1)].astype(np.int64))
+        offset += len(p.reward) + wait + 1
+    out = [ThresholdScore(math.inf, null, 0, 0, 0)]
+    score = np.concatenate(scores) if scores else np.empty(0)
+    rows = np.flatnonzero(~np.isnan(score))
+    if not len(rows):
+        return out
+    order = rows[np.argsort(-score[rows], kind="stable")]
+    thresholds, totals, counts = _refractory_kernel()(
+        order, score[order], np.concatenate(rewards), np.concatenate(windows),
+        np.asarray(lows, dtype=np.int64), np.asarray(highs, dtype=np.int64), wait, cost.fn_weight, null)
+    out += [ThresholdScore(float(t), float(r), int(c[0]), int(c[1]), int(c[2]))
+            for t, r, c in zip(thresholds, totals, counts)]
     return out
 
 
@@ -333,22 +479,23 @@ def normalised_score(raw: float, null: float, perfect: float) -> float:
 
 
 def nab_score(series: Sequence[NabSeries], profiles: Mapping[str, CostMatrix], *,
-              probation_percent: float = PROBATION_PERCENT) -> dict[str, ProfileScore]:
+              probation_percent: float = PROBATION_PERCENT, wait: int = 0) -> dict[str, ProfileScore]:
     """Optimise the threshold per profile over the corpus and score each profile at its threshold.
 
-    series: every file of the corpus. Raises NabError for bad windows, mismatched lengths or a
-    corpus without any scored window.
+    series: every file of the corpus. wait: rows after each detection in which the same file does
+    not detect again (see sweep; 0 is NAB's own rule). Raises NabError for bad windows, mismatched
+    lengths or a corpus without any scored window, ValueError for wait < 0.
     """
     if not series:
         raise NabError("no NAB series to score")
     out = {}
     for name, cost in profiles.items():
         prepared = [_prepare(s, cost, probation_percent) for s in series]
-        candidates = sweep(series, cost, _prepared=prepared)
+        candidates = sweep(series, cost, wait=wait, _prepared=prepared)
         best = max(candidates, key=lambda c: c.raw)  # max() keeps the first: the highest threshold
         n_windows = sum(len(p.windows) for p in prepared)
         null, perfect = -cost.fn_weight * n_windows, cost.tp_weight * n_windows
-        per_file = {p.name: _score_prepared(p, p.scores >= best.threshold, cost) for p in prepared}
+        per_file = {p.name: _score_prepared(p, detections_at(p, best.threshold, wait), cost) for p in prepared}
         out[name] = ProfileScore(name, best.threshold, best.raw, null, perfect,
                                  normalised_score(best.raw, null, perfect), n_windows, best.detected_windows,
                                  best.false_positives, best.detections, per_file)

@@ -1,7 +1,7 @@
 """python manage.py evaluate {nab,skab,cmapss} PATH [--detector NAME|all] [--json FILE]
 (without --detector: SKAB ensemble, NAB nn_novelty, C-MAPSS iqr, each benchmark's best measured)
 [--results-dir DIR] [--predictions-dir DIR]
-[--calibration rank_suppress|rank|top_suppress|top|ratio_suppress|ratio|none]
+[--calibration rank_suppress|rank|rank_wait|top_suppress|top|top_wait|ratio_suppress|ratio|ratio_wait|none]
 [--degraded-cycles N]
 [--train-cycles K] [--keep]"""
 import json
@@ -50,12 +50,14 @@ class Command(BaseCommand):
         parser.add_argument("--predictions-dir", help="skab, cmapss: write one CSV of decisions per file/engine "
                                                       "here (in DIR/<detector>/ with --detector all)")
         parser.add_argument("--calibration", choices=NAB_CALIBRATIONS,
-                            help="nab (default: the detector's own, rank_suppress for all but nn_novelty): "
-                                 "'rank_suppress': 'rank', then only new highs of the recent rows count; 'rank' "
+                            help="nab (default: the detector's own: rank_wait, ratio_wait for nn_novelty): "
+                                 "'rank_wait': 'rank', then a file stays silent for a few rows after each "
+                                 "detection; 'rank_suppress': 'rank', then only new highs of the recent rows count; 'rank' "
                                  "turns each score into its rank among the file's earlier scores; 'top' into "
                                  "1 / (1 + the number of earlier scores at least as high), 'ratio' into its "
                                  "ratio to the geometric mean of the 8th-16th highest earlier scores; "
-                                 "'*_suppress' then suppresses repeats; 'none' sweeps the raw scores")
+                                 "'*_suppress' then suppresses repeats, '*_wait' keeps a file silent for a few "
+                                 "rows after each detection instead; 'none' sweeps the raw scores")
         parser.add_argument("--degraded-cycles", type=int,
                             help="cmapss: the last N cycles of each engine are anomalous (default 30)")
         parser.add_argument("--train-cycles", type=int,
