@@ -117,7 +117,8 @@ def main() -> None:
         for rows in (int(v) for v in args.suppress.split(",")):
             for kind in ("ratio_suppress", "ratio_wait"):
                 key = (kind, (lo, hi), rows)
-                variants.setdefault(key, calibrated(result.raw_series, calibration=kind, ranks=key[1], suppress=rows))
+                variants.setdefault(key, calibrated(result.raw_series, calibration=kind, ranks=key[1],
+                                                    suppress=rows))
 
     def category(name: str) -> str:
         return name.split("/")[0]

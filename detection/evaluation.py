@@ -273,7 +273,7 @@ class NabEvaluationResult:
     # (benchmarks/nab_transfer.py). A file whose training failed has none. Not in as_dict().
     raw_series: list[NabSeries] = field(default_factory=list, repr=False)
     calibration: str = "rank_wait"
-    suppress_rows: int | None = None  # the *_suppress window or *_wait rows; None when the calibration has none
+    suppress_rows: int | None = None  # the *_suppress window or *_wait rows; None when there is none
 
     def as_dict(self) -> dict:
         return {"dataset": self.dataset, "detector": self.detector, "calibration": self.calibration,
@@ -318,8 +318,8 @@ def evaluate_nab(*, path: Path | str, results_dir: Path | str | None = None, kee
     period, detection.ml.nab.refractory, simulated by NAB's sweeper at every threshold); "rank"
     turns each file's scores into their streaming rank (detection.ml.nab.streaming_rank: the share
     of the file's earlier scores, its in-sample probationary scores included, that each score
-    exceeds), so that one threshold means the same in every file; "top" into their reciprocal rank from the top of the same
-    history (detection.ml.nab.streaming_top_rank: 1 / (1 + the number of earlier scores at least as
+    exceeds), so that one threshold means the same in every file; "top" into their reciprocal rank
+    from the top of the same history (detection.ml.nab.streaming_top_rank: 1 / (1 + the number of earlier scores at least as
     high), so one threshold means "among the K highest so far"), "top_suppress" then suppresses
     repeats; "ratio" divides each score by the geometric mean of the 8th to 16th highest of the same
     history (detection.ml.nab.streaming_order_ratio, for non-negative scores), so one threshold means
