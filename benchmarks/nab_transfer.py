@@ -64,8 +64,10 @@ def swept(series, cost, wait: int = 0) -> tuple[float, float]:
 
 
 def wait_of(key) -> int:
-    """The sweep's wait of a (calibration, ranks, rows) variant: its rows for *_wait, else 0."""
-    return key[2] if key[0].endswith("_wait") else 0
+    """The sweep's wait of a (calibration, ranks, rows) variant (detection.evaluation.nab_wait)."""
+    from detection.evaluation import nab_wait
+
+    return nab_wait(key[0], key[2])
 
 
 def normalised(raw: float, null: float, perfect: float) -> float | None:

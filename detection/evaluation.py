@@ -353,7 +353,7 @@ def evaluate_nab(*, path: Path | str, results_dir: Path | str | None = None, kee
             raise EvaluationError(str(exc)) from None
         calibration = calibration or nab_calibration(detection["algorithm"])
         suppress_rows = nab_suppress_rows(detection["algorithm"])
-        wait = suppress_rows if calibration.endswith("_wait") else 0
+        wait = nab_wait(calibration, suppress_rows)
         frame = load_telemetry_frame(fleet)
         truth = load_ground_truth(fleet)
         _check_nab_windows(frame, truth)
@@ -447,6 +447,12 @@ def nab_calibrated(raw, probation: int, calibration: str, suppress_rows: int, *,
     if calibration.endswith("_suppress"):
         scores = suppress_repeats(scores, suppress_rows)
     return scores
+
+
+def nab_wait(calibration: str, suppress_rows: int) -> int:
+    """The rows NAB's sweeper keeps a file silent after each detection under a calibration:
+    suppress_rows for the *_wait ones, 0 (NAB's own rule) for the others."""
+    return suppress_rows if calibration.endswith("_wait") else 0
 
 
 def _silenced(scores: np.ndarray, threshold: float, wait: int) -> np.ndarray:

@@ -54,6 +54,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .jit import compiled
+
 PROBATION_PERCENT = 0.15
 PROBATION_CAP_ROWS = 5000  # NAB: the probationary period is at most 15 % of 5000 rows
 
@@ -334,10 +336,7 @@ def sweep(series: Sequence[NabSeries], cost: CostMatrix, *, probation_percent: f
     return out
 
 
-_REFRACTORY_KERNEL = None
-
-
-def _refractory_sweep(order, scores, reward, window, lows, highs, wait, fn_weight, null):  # numba: _refractory_kernel()
+def _refractory_sweep(order, scores, reward, window, lows, highs, wait, fn_weight, null):  # numba: jit.compiled
     """Rows (positions in one line of all files, files wait + 1 apart) switched on in `order`; after
     each run of equal scores, the totals of the detections that the refractory rule keeps."""
     n = len(reward)
@@ -397,29 +396,20 @@ def _refractory_sweep(order, scores, reward, window, lows, highs, wait, fn_weigh
     return thresholds, totals, counts
 
 
-def _refractory_kernel():
-    global _REFRACTORY_KERNEL
-    if _REFRACTORY_KERNEL is None:
-        import numba
-
-        _REFRACTORY_KERNEL = numba.njit(cache=False)(_refractory_sweep)
-    return _REFRACTORY_KERNEL
-
-
 def _sweep_refractory(prepared: Sequence[_Prepared], cost: CostMatrix, wait: int) -> list[ThresholdScore]:
     n_windows = sum(len(p.windows) for p in prepared)
     null = -cost.fn_weight * n_windows
     scores, rewards, windows, lows, highs, offset = [], [], [], [], [], 0
     for p in prepared:
         s = p.scores.copy()
+        # The probationary rows are never switched on; a window that ends among them is not counted
+        # (_prepare), so every row of an uncounted window stays off.
         s[:p.probation] = np.nan
-        # Windows without a scored row count for nothing; their rows are never switched on.
         counted = {k: len(lows) + i for i, k in enumerate(p.windows)}
         for k in p.windows:
             rows = np.flatnonzero(p.window == k)
             lows.append(offset + int(rows[0]))
             highs.append(offset + int(rows[-1]))
-        s[(p.window >= 0) & ~np.isin(p.window, p.windows)] = np.nan
         scores.append(np.r_[s, np.full(wait + 1, np.nan)])  # a gap of wait + 1 rows between files
         rewards.append(np.r_[p.reward, np.zeros(wait + 1)])
         windows.append(np.r_[[counted.get(int(k), -1) for k in p.window], np.full(wait + 1, -1)].astype(np.int64))
@@ -430,7 +420,7 @@ def _sweep_refractory(prepared: Sequence[_Prepared], cost: CostMatrix, wait: int
     if not len(rows):
         return out
     order = rows[np.argsort(-score[rows], kind="stable")]
-    thresholds, totals, counts = _refractory_kernel()(
+    thresholds, totals, counts = compiled(_refractory_sweep)(
         order, score[order], np.concatenate(rewards), np.concatenate(windows),
         np.asarray(lows, dtype=np.int64), np.asarray(highs, dtype=np.int64), wait, cost.fn_weight, null)
     out += [ThresholdScore(float(t), float(r), int(c[0]), int(c[1]), int(c[2]))

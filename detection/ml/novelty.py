@@ -35,12 +35,11 @@ import pandas as pd
 
 from .detectors import DetectorError, register_detector
 from .features import MODEL_SUFFIXES
+from .jit import compiled
 from .statistical import _CONTAMINATION, _SequentialDetector
 
-_KERNEL = None
 
-
-def _nearest_distances(x, lmax, window, begin):  # compiled by numba in _kernel()
+def _nearest_distances(x, lmax, window, begin):  # compiled by numba (jit.compiled)
     n = len(x)
     out = np.full((n, lmax), np.nan)
     best = np.empty(lmax)
@@ -63,16 +62,6 @@ def _nearest_distances(x, lmax, window, begin):  # compiled by numba in _kernel(
     return out
 
 
-def _kernel():
-    global _KERNEL
-    if _KERNEL is None:
-        import numba
-
-        # No on-disk cache: the package directory may be read-only (containers); compiling takes ~1 s.
-        _KERNEL = numba.njit(cache=False)(_nearest_distances)
-    return _KERNEL
-
-
 def nn_novelty(x, *, lengths: int = 3, window: int = 25_000, floor: float = 1e-9, begin: int = 0) -> np.ndarray:
     """Nearest-neighbour novelty of each row of one series (see the module docstring).
 
@@ -92,7 +81,7 @@ def nn_novelty(x, *, lengths: int = 3, window: int = 25_000, floor: float = 1e-9
     n = len(x)
     if n < 3:
         return np.zeros(n)
-    distances = _kernel()(x, int(lengths), int(window), int(begin))
+    distances = compiled(_nearest_distances)(x, int(lengths), int(window), int(begin))
     # Rows too early for a length-L neighbour count 0 for that length.
     distance = np.nan_to_num(distances, nan=0.0).mean(axis=1)
     steps = pd.Series(np.abs(np.diff(x, prepend=np.nan)))
