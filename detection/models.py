@@ -193,6 +193,9 @@ class AnomalyResult(models.Model):
 
     top_metrics: list of {"metric", "feature", "domain", "value", "typical", "mad", "z", "level"}
     ordered by |z| (robust z-score against the baseline level that applied).
+    votes, agreement: for an anomaly an ensemble (or auto) model scored, {member detector: whether
+    its own threshold flags the row} and the weighted share of members that do, 0..1 (the
+    confidence that comes from the detectors' agreement); null for normal rows and single detectors.
     """
 
     # A run persists up to millions of rows in one go, so every index costs: the foreign keys rely
@@ -216,6 +219,8 @@ class AnomalyResult(models.Model):
         db_index=False, db_constraint=False,
     )
     top_metrics = models.JSONField(default=list, blank=True)
+    votes = models.JSONField(null=True, blank=True)
+    agreement = models.FloatField(null=True, blank=True)
 
     class Meta:
         ordering = ["-timestamp", "-id"]

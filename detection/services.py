@@ -324,6 +324,7 @@ def _persist(run: PipelineRun, output: PipelineOutput, config: PipelineConfig) -
                 "timestamp": scored["timestamp"], "anomaly_score": result.scores, "label": result.labels,
                 "threshold": result.threshold, "severity": result.severity, "model_version_id": model.id,
                 "baseline_version_id": baseline.id if baseline else None, "top_metrics": result.top_metrics,
+                "votes": result.votes, "agreement": result.anomaly_agreement(),  # None: a single detector
             })
             run.model_version, run.baseline_version = model, baseline
             run.n_scored, run.n_anomalies, run.threshold = len(scored), result.n_anomalies, result.threshold

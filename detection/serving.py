@@ -387,13 +387,16 @@ def detect_observations(*, fleet: Fleet, observations: list[dict]) -> list[dict]
         {metric name: finite float}}]; metrics left out are missing values (NaN), as in telemetry.
     Returns one dict per observation, in order: device_id, timestamp (ISO 8601), anomaly_score
     (higher = more anomalous), is_anomaly (score > the model's threshold), severity (critical/high/
-    medium/low for anomalies, None otherwise), confidence, top_metrics (as AnomalyResult.top_metrics;
-    [] for normal rows), model_version and baseline_version (numbers), processing_time_ms (wall time
-    of this call, shared by the observations of a batch).
+    medium/low for anomalies, None otherwise), confidence, agreement, top_metrics (as
+    AnomalyResult.top_metrics; [] for normal rows), model_version and baseline_version (numbers),
+    processing_time_ms (wall time of this call, shared by the observations of a batch).
 
-    confidence is how far the score lies from the threshold, on either side, in units of the spread
-    of the training scores (their 0.99 quantile minus their median), clipped to [0, 1]: 0 on the
-    threshold, 1 a full spread away or more.
+    confidence: for an ensemble (or auto) model, the detectors' agreement with the label: the
+    weighted share of member detectors that flag the row (agreement, also returned) for an anomaly,
+    one minus it for a normal row. For a single detector, how far the score lies from the
+    threshold, on either side, in units of the spread of the training scores (their 0.99 quantile
+    minus their median), clipped to [0, 1]: 0 on the threshold, 1 a full spread away or more;
+    agreement is then None.
 
     Raises ServingError naming the field (and index) for an unknown device, an unknown metric, a
     non-finite value or a repeated (device, timestamp); NoProductionModel when the fleet has none.
@@ -443,13 +446,20 @@ def detect_observations(*, fleet: Fleet, observations: list[dict]) -> list[dict]
     out: list[dict | None] = [None] * len(observations)
     for k, i in enumerate(order.tolist()):
         score = float(result.scores[k])
+        anomaly = bool(result.labels[k] == Label.ANOMALY)
+        agreement = None if result.agreement is None else round(float(result.agreement[k]), 4)
+        if agreement is None:
+            confidence = round(float(min(abs(score - result.threshold) / loaded.score_spread, 1.0)), 4)
+        else:
+            confidence = agreement if anomaly else round(1.0 - agreement, 4)
         out[i] = {
             "device_id": rows[i]["external_id"],
             "timestamp": rows[i]["timestamp"].isoformat(),
             "anomaly_score": score,
-            "is_anomaly": bool(result.labels[k] == Label.ANOMALY),
+            "is_anomaly": anomaly,
             "severity": result.severity[k] or None,
-            "confidence": round(float(min(abs(score - result.threshold) / loaded.score_spread, 1.0)), 4),
+            "confidence": confidence,
+            "agreement": agreement,
             "top_metrics": result.top_metrics[k],
             "model_version": loaded.model_version.version,
             "baseline_version": loaded.baseline_number,

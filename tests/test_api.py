@@ -126,6 +126,60 @@ def test_detect_batch_matches_the_pipeline_and_keeps_the_order(trained, viewer):
         assert math.isclose(got["anomaly_score"], want.anomaly_score, abs_tol=1e-6)
 
 
+def test_an_ensembles_votes_and_agreement_are_persisted_shown_and_served(viewer, client):
+    """An ensemble model keeps its members' votes on every anomaly; confidence is their agreement."""
+    ingest_batch(batch=generate_fleet(devices=24, days=5, seed=3), fleet_name="demo")
+    fleet = Fleet.objects.get(name="demo")
+    fleet.config = {"algorithm": "ensemble", "ensemble_members": ["robust_z", "iqr", "lof"],
+                    "ensemble_weights": {"lof": 2.0}}
+    fleet.save()
+    run = pipeline_run_execute(run_id=pipeline_run_create(fleet=fleet).id)
+    assert run.model_version_id, run.error
+    anomalies = list(AnomalyResult.objects.filter(run=run, label=-1).select_related("device"))
+    assert anomalies and not AnomalyResult.objects.filter(run=run, label=1, votes__isnull=False).exists()
+    assert not AnomalyResult.objects.filter(run=run, label=1, agreement__isnull=False).exists()
+    weights = {"robust_z": 1.0, "iqr": 1.0, "lof": 2.0}
+    for a in anomalies:
+        assert set(a.votes) == set(weights)
+        assert a.agreement == pytest.approx(sum(weights[m] for m, v in a.votes.items() if v) / 4, abs=1e-4)
+    # Not a constant: the synthetic fleet's anomalies split the members (measured: several patterns).
+    assert len({tuple(sorted(a.votes.items())) for a in anomalies}) > 1
+
+    frame = load_telemetry_frame(fleet)
+    normal = list(AnomalyResult.objects.filter(run=run, label=1).select_related("device").order_by("?")[:3])
+    for result in anomalies[:4] + normal:
+        body = viewer.post("/api/v1/detect", _observation(fleet, result, frame), format="json").json()
+        assert body["is_anomaly"] == result.is_anomaly
+        if result.is_anomaly:
+            assert body["agreement"] == pytest.approx(result.agreement)
+            assert body["confidence"] == body["agreement"]
+        else:
+            assert body["confidence"] == pytest.approx(1 - body["agreement"])
+    listed = viewer.get("/api/v1/anomalies/", {"run": run.pk, "label": -1}).json()["results"][0]
+    stored = AnomalyResult.objects.get(pk=listed["id"])
+    assert listed["votes"] == stored.votes and listed["agreement"] == stored.agreement
+
+    # The anomaly page names who flagged it.
+    client.force_login(user_with_role("rita", "reviewer"))
+    a = max(anomalies, key=lambda r: (0 < r.agreement < 1, r.anomaly_score))
+    page = client.get(f"/anomalies/{a.pk}/").content.decode()
+    flagged = sum(a.votes.values())
+    assert f"{flagged} of 3</span>" in page and f"{a.agreement * 100:.0f} % by weight" in page
+    for member, vote in a.votes.items():
+        assert f'badge-vote-{"yes" if vote else "no"}">{member} ' in page
+
+
+def test_a_single_detectors_results_have_no_votes(trained, viewer, client):
+    fleet, run = trained
+    assert not AnomalyResult.objects.filter(run=run, votes__isnull=False).exists()
+    anomaly = AnomalyResult.objects.filter(run=run, label=-1).select_related("device").first()
+    body = viewer.post("/api/v1/detect", _observation(fleet, anomaly, load_telemetry_frame(fleet)),
+                       format="json").json()
+    assert body["agreement"] is None and 0 <= body["confidence"] <= 1
+    client.force_login(user_with_role("rita", "reviewer"))
+    assert "Detectors agree" not in client.get(f"/anomalies/{anomaly.pk}/").content.decode()
+
+
 def test_a_new_production_version_is_loaded_on_the_next_request(trained, viewer):
     fleet, run = trained
     frame = load_telemetry_frame(fleet)

@@ -9,7 +9,7 @@ import pytest
 from detection.ml import suite  # noqa: F401  (registers the detectors)
 from detection.ml.deep import LSTMAutoencoderDetector
 from detection.ml.detectors import DETECTORS, AnomalyDetectorConfig, DetectorError, detector_metadata
-from detection.ml.scoring import impact_of, severity_from_score
+from detection.ml.scoring import impact_of, score_frame, severity_from_score
 from detection.ml.statistical import GrubbsDetector
 from detection.ml.suite import (
     AutoDetector, EnsembleDetector, data_characteristics, select_detectors, trailing_statistic,
@@ -75,6 +75,44 @@ def test_ensemble_confidence_is_member_agreement():
     det = EnsembleDetector(CONFIG, members=["robust_z", "iqr", "lof"]).fit(X, ["a", "b", "c"])
     probe = pd.DataFrame([[0.0, 0.0, 0.0, 0.0], [9.0, -9.0, 9.0, 0.0]], columns=X.columns)
     assert det.confidence(probe).tolist() == [0.0, 1.0]
+
+
+def test_ensemble_scores_and_votes_in_one_pass_match_scoring_them_apart():
+    X = _frame()
+    det = EnsembleDetector(CONFIG, members=["robust_z", "iqr", "lof"], weights={"lof": 2.0})
+    det.fit(X, ["a", "b", "c"])
+    probe = _frame(n=300, seed=5)
+    probe.iloc[10:12, :3] = [[9.0, -9.0, 9.0], [0.0, 0.0, 40.0]]
+    scores, votes = det.score_with_votes(probe)
+    np.testing.assert_array_equal(scores, det.score_samples(probe))
+    assert set(votes) == {"robust_z", "iqr", "lof"}
+    for name, flagged in votes.items():
+        np.testing.assert_array_equal(flagged, det.votes(probe)[name])
+    # Weighted share: lof weighs 2 of 4.
+    share = det.agreement(votes)
+    expected = (votes["robust_z"] * 1.0 + votes["iqr"] * 1.0 + votes["lof"] * 2.0) / 4.0
+    np.testing.assert_allclose(share, expected)
+    assert share[10] == 1.0 and set(np.unique(share)) <= {0.0, 0.25, 0.5, 0.75, 1.0}
+    with pytest.raises(DetectorError, match="no member votes"):
+        det.agreement({})
+
+
+def test_score_frame_reports_an_ensembles_votes_on_anomalies_only():
+    X = _frame()
+    ensemble = EnsembleDetector(CONFIG, members=["robust_z", "iqr"]).fit(X, ["a", "b", "c"])
+    probe = _frame(n=200, seed=6)
+    probe.iloc[50, :3] = [12.0, 0.0, 0.0]
+    kwargs = {"explain": probe, "features": ["a", "b", "c"], "feature_metric": {}, "metric_domain": {},
+              "baselines": None}
+    result = score_frame(ensemble, probe, **kwargs)
+    anomalies = np.flatnonzero(result.labels == -1)
+    assert 50 in anomalies
+    assert result.votes[50] == {"robust_z": True, "iqr": True} and result.agreement[50] == 1.0
+    assert all((result.votes[i] is None) == (result.labels[i] == 1) for i in range(len(probe)))
+    persisted = result.anomaly_agreement()
+    assert [i for i, a in enumerate(persisted) if a is not None] == anomalies.tolist()
+    single = score_frame(_fit("robust_z", X), probe, **kwargs)
+    assert single.votes is None and single.agreement is None and single.anomaly_agreement() is None
 
 
 def test_robust_z_score_is_the_largest_robust_z():

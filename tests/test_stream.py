@@ -134,6 +134,28 @@ def test_stream_scores_every_event_as_serving_does(live):
     assert samples[("vigil_stream_group_lag", (("fleet", fleet),))] == 0
 
 
+def test_stream_keeps_an_ensembles_votes_on_its_anomalies(live):
+    live.fleet.config = {"algorithm": "ensemble", "ensemble_members": ["robust_z", "iqr", "lof"]}
+    live.fleet.save()
+    run = pipeline_run_execute(run_id=pipeline_run_create(fleet=live.fleet).id)
+    assert run.model_version.algorithm == "ensemble", run.error
+    serving.model_cache_clear()
+    publish_events(live.client, live.fleet.name, live.events)
+    _consume(live)
+    results = list(_stream_results(live.fleet).select_related("device")
+                   .order_by("timestamp", "device__external_id"))
+    assert len(results) == len(live.events) and any(r.is_anomaly for r in results)
+    expected = serving.detect_observations(fleet=live.fleet, observations=live.events)
+    for r, e in zip(results, expected):
+        assert r.model_version_id == run.model_version_id and r.is_anomaly == e["is_anomaly"]
+        if r.is_anomaly:
+            assert set(r.votes) == {"robust_z", "iqr", "lof"}
+            assert r.agreement == pytest.approx(e["agreement"])
+            assert r.agreement == pytest.approx(sum(r.votes.values()) / 3, abs=1e-4)
+        else:
+            assert r.votes is None and r.agreement is None
+
+
 def _metrics(text: str) -> dict:
     from prometheus_client.parser import text_string_to_metric_families
 

@@ -61,7 +61,7 @@ class AnomalyResultSerializer(serializers.ModelSerializer):
     class Meta:
         model = AnomalyResult
         fields = ["id", "run", "fleet", "device", "timestamp", "anomaly_score", "label", "is_anomaly", "threshold",
-                  "severity", "model_version", "baseline_version", "top_metrics"]
+                  "severity", "model_version", "baseline_version", "top_metrics", "votes", "agreement"]
         read_only_fields = fields
 
 
@@ -128,7 +128,13 @@ class DetectionSerializer(serializers.Serializer):
     anomaly_score = serializers.FloatField()
     is_anomaly = serializers.BooleanField()
     severity = serializers.CharField(allow_null=True)
-    confidence = serializers.FloatField(help_text="|score - threshold| / (training score q0.99 - q0.5), in [0, 1]")
+    confidence = serializers.FloatField(
+        help_text="0..1. Ensemble or auto model: the detectors' agreement with the label (agreement for an "
+                  "anomaly, 1 - agreement for a normal row). Single detector: |score - threshold| / "
+                  "(training score q0.99 - q0.5), clipped")
+    agreement = serializers.FloatField(
+        allow_null=True, help_text="ensemble or auto model: the weighted share of member detectors whose own "
+                                   "threshold flags the row, 0..1; null for a single detector")
     top_metrics = serializers.ListField(child=serializers.DictField())
     model_version = serializers.IntegerField()
     baseline_version = serializers.IntegerField(allow_null=True)

@@ -234,6 +234,8 @@ class BatchScores:
     threshold: float
     severity: np.ndarray  # "" for normal rows
     top_metrics: list[list[dict]]
+    votes: list[dict | None] | None = None  # an ensemble's members' votes and agreement (ScoreResult)
+    agreement: list[float | None] | None = None  # anomalies only (ScoreResult.anomaly_agreement)
 
 
 class MicroBatchScorer:
@@ -368,9 +370,12 @@ class MicroBatchScorer:
         order[obs[positions]] = np.arange(len(positions))  # batch row -> scored position
         self.history = self._merge(history, new)
         self._trim()
+        agreement = result.anomaly_agreement()
         return BatchScores(np.asarray(result.scores)[order], np.asarray(result.labels)[order], result.threshold,
                            np.asarray(result.severity, dtype=object)[order],
-                           [result.top_metrics[k] for k in order])
+                           [result.top_metrics[k] for k in order],
+                           None if result.votes is None else [result.votes[k] for k in order],
+                           None if agreement is None else [agreement[k] for k in order])
 
 
 def events_frame(events: Sequence[StreamEvent], devices: Mapping[str, Mapping[str, Any]],
@@ -782,6 +787,8 @@ class StreamConsumer:
                 "severity": scores.severity[idx], "model_version_id": loaded.model_version.pk,
                 "baseline_version_id": loaded.model_version.baseline_version_id,
                 "top_metrics": [scores.top_metrics[i] for i in idx],
+                "votes": None if scores.votes is None else [scores.votes[i] for i in idx],
+                "agreement": None if scores.agreement is None else [scores.agreement[i] for i in idx],
             })
             n_anomalies = int((scores.labels[idx] == -1).sum())
             PipelineRun.objects.filter(pk=run.pk).update(

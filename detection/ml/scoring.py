@@ -40,6 +40,12 @@ class ScoreResult:
     metric's engineered features was most abnormal (features.FEATURE_KINDS), and value/typical
     are that feature's, in the metric's unit. level is the baseline level the z was taken at: the
     z level (or its fall-back), or "device" for a hybrid detector's temporal column (top_metrics).
+
+    For an ensemble (or auto), votes and agreement say how far its members agree on each anomaly:
+    votes[i] is {member: whether the member's own threshold flags row i} (None for normal rows)
+    and agreement[i] the weighted share of members that flag row i, 0..1, for every row
+    (EnsembleDetector.agreement). Both are None (not lists) for a single detector, which has no
+    members to agree. anomaly_agreement() is agreement with None for normal rows, as persisted.
     """
 
     scores: np.ndarray
@@ -47,10 +53,22 @@ class ScoreResult:
     threshold: float
     severity: np.ndarray
     top_metrics: list[list[dict]]
+    votes: list[dict | None] | None = None
+    agreement: np.ndarray | None = None
 
     @property
     def n_anomalies(self) -> int:
         return int((self.labels == -1).sum())
+
+    def anomaly_agreement(self) -> list[float | None] | None:
+        """agreement rounded to 4 decimals for anomalies and None for normal rows (n values); None
+        for a single detector."""
+        if self.agreement is None:
+            return None
+        out = np.full(len(self.labels), None, dtype=object)
+        anomalous = np.asarray(self.labels) == -1
+        out[anomalous] = np.round(np.asarray(self.agreement, dtype="float64")[anomalous], 4).tolist()
+        return out.tolist()
 
 
 def severity_from_z(max_abs_z: np.ndarray, bands: tuple[float, float, float] = (4.0, 6.0, 10.0)) -> np.ndarray:
@@ -102,8 +120,13 @@ def score_frame(
     features: the engineered (un-normalised) features whose z-scores rank the metrics.
     Without baselines (the fall-back path), z-scores are taken against the detector's training
     mean and standard deviation and the level is reported as "training".
+    An ensemble also reports its members' votes and agreement on each anomaly (ScoreResult).
     """
-    scores = detector.score_samples(frame)
+    member_votes = None
+    if hasattr(detector, "score_with_votes"):
+        scores, member_votes = detector.score_with_votes(frame)
+    else:
+        scores = detector.score_samples(frame)
     labels = np.where(scores > detector.threshold_, -1, 1)
     severity = np.full(len(frame), "", dtype=object)
     top: list[list[dict]] = [[] for _ in range(len(frame))]
@@ -120,7 +143,13 @@ def score_frame(
         severity[idx] = severity_from_score(max_z, severity_bands, impact)
         for i, t in zip(idx, explained):
             top[i] = t
-    return ScoreResult(scores, labels, float(detector.threshold_), severity, top)
+    votes = agreement = None
+    if member_votes is not None:
+        agreement = detector.agreement(member_votes)
+        votes = [None] * len(frame)
+        for i in idx.tolist():
+            votes[i] = {name: bool(v[i]) for name, v in member_votes.items()}
+    return ScoreResult(scores, labels, float(detector.threshold_), severity, top, votes, agreement)
 
 
 def device_candidates(detector, features: list[str], level: str) -> list[int]:

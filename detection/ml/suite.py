@@ -346,7 +346,17 @@ class EnsembleDetector(AnomalyDetector):
         trained (or a frame, or a device's rows, that starts with them) the window starts empty; on
         any other frame the fused scores of the last k - 1 training rows (the device's own) come
         first, as the recent past; a device training never saw starts with an empty window."""
-        fused = self.fused_scores(X)
+        return self._smoothed(X, self.fused_scores(X))
+
+    def score_with_votes(self, X: pd.DataFrame) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """score_samples(X) and votes(X) from one pass over the members (each member scores once).
+
+        Returns (n fused scores, {member: n bools}); the votes are each member's own decision on the
+        row itself, before the ensemble's alarm persistence (ensemble_smooth_rows)."""
+        raw = self.component_scores(X)
+        return self._smoothed(X, self._fuse(raw)), self._votes(raw)
+
+    def _smoothed(self, X: pd.DataFrame, fused: np.ndarray) -> np.ndarray:
         smooth = self.config.ensemble_smooth_rows
         if smooth <= 1:
             return fused
@@ -366,15 +376,25 @@ class EnsembleDetector(AnomalyDetector):
 
     def votes(self, X: pd.DataFrame) -> dict[str, np.ndarray]:
         """{member: bool per row}: whether the member's own threshold flags the row."""
-        return {name: scores > self.members_[name].threshold_ for name, scores in self.component_scores(X).items()
+        return self._votes(self.component_scores(X))
+
+    def _votes(self, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {name: scores > self.members_[name].threshold_ for name, scores in raw.items()
                 if name in self.members_}
+
+    def agreement(self, votes: dict[str, np.ndarray]) -> np.ndarray:
+        """The weighted share of members that flag each row, 0..1 (n floats), from votes' output:
+        sum of the flagging members' weights / sum of all members' weights (member_weights; 1 each
+        by default). Raises DetectorError when votes is empty."""
+        if not votes:
+            raise DetectorError("no member votes: every member was excluded")
+        w = np.array([float(self.member_weights.get(n, 1.0)) for n in votes])
+        return (np.array(list(votes.values()), dtype="float64") * w[:, None]).sum(axis=0) / max(w.sum(), 1e-12)
 
     def confidence(self, X: pd.DataFrame) -> np.ndarray:
         """Agreement between members, 0..1 per row: the weighted share of members whose own
-        threshold flags the row."""
-        votes = self.votes(X)
-        w = np.array([float(self.member_weights.get(n, 1.0)) for n in votes])
-        return (np.array(list(votes.values()), dtype="float64") * w[:, None]).sum(axis=0) / max(w.sum(), 1e-12)
+        threshold flags the row (agreement(votes(X)))."""
+        return self.agreement(self.votes(X))
 
     def params(self) -> dict:
         return {**super().params(), "members": ",".join(self.members_), "excluded": dict(self.excluded_),

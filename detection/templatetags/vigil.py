@@ -94,3 +94,19 @@ def member_weights(params: dict | None) -> dict | None:
     if len(weights) < 2:
         return None
     return {"weights": weights, "source": params.get("weights_source", "priors")}
+
+
+@register.filter
+def detector_votes(anomaly) -> dict | None:
+    """An ensemble-scored anomaly's members' votes for the page: {"flagged": [member, ...], "not":
+    [member, ...], "total": members, "agreement": the weighted share as "67 %", "" when it is the plain
+    share (equal weights) or unknown}; None for a single detector's result (or a result persisted
+    before votes were kept, 2026-11-22)."""
+    votes = getattr(anomaly, "votes", None)
+    if not isinstance(votes, dict) or not votes:
+        return None
+    flagged = sorted(m for m, v in votes.items() if v)
+    share = getattr(anomaly, "agreement", None)
+    weighted = share is not None and abs(float(share) - len(flagged) / len(votes)) > 5e-4
+    return {"flagged": flagged, "not": sorted(m for m, v in votes.items() if not v), "total": len(votes),
+            "agreement": f"{float(share) * 100:.0f} %" if weighted else ""}
