@@ -244,6 +244,30 @@ def test_a_fleets_detector_params_reach_the_detector_and_its_ensemble_members(fl
         assert run.status == RunStatus.FAILED and message in run.error
 
 
+def test_an_ensemble_member_that_fails_is_left_out_with_its_reason_on_the_run_and_the_pages(fleet, client,
+                                                                                             monkeypatch):
+    from detection.ml.detectors import DETECTORS
+    from factories import user_with_role
+
+    class Failing(DETECTORS["robust_z"]):
+        def _fit_model(self, X):
+            raise RuntimeError("singular matrix in block 3")
+
+    monkeypatch.setitem(DETECTORS, "failing", Failing)
+    fleet.config = {"algorithm": "ensemble", "ensemble_members": ["robust_z", "failing", "iqr"]}
+    fleet.save()
+    run = _run(fleet)
+    assert run.status == RunStatus.SUCCEEDED, run.error
+    assert any("1 ensemble member(s) left out: failing (fit: RuntimeError: singular matrix in block 3)" in w
+               for w in run.warnings)
+    assert run.model_version.params["excluded"] == {"failing": "fit: RuntimeError: singular matrix in block 3"}
+    assert set(AnomalyResult.objects.filter(run=run, label=-1).first().votes) == {"robust_z", "iqr"}
+    client.force_login(user_with_role("vera", "viewer"))
+    for url in (f"/fleets/{fleet.name}/", f"/fleets/{fleet.name}/models/"):
+        page = client.get(url).content.decode()
+        assert "Left out" in page and "singular matrix in block 3" in page, url
+
+
 def test_model_params_are_stored_as_json_structures_without_nan():
     from detection.services import _jsonable
 

@@ -258,6 +258,10 @@ def run_core(df: pd.DataFrame, *, metrics: list[str], metric_domain: dict[str, s
             logger.exception("scoring failed")
             raise StageError("score", f"{type(exc).__name__}: {exc}") from exc
         s.rows = len(score_rows)
+    excluded = dict(getattr(detector, "excluded_", None) or {})  # an ensemble's members that failed
+    if excluded:
+        warnings.append(f"{len(excluded)} ensemble member(s) left out: "
+                        + "; ".join(f"{name} ({why})" for name, why in excluded.items()))
 
     scored = frame.loc[score_mask, ["device_id", "external_id", "timestamp"]].reset_index(drop=True)
     return PipelineOutput(scored, result, detector, baselines, model_features, warnings, timings, counts,
