@@ -237,9 +237,11 @@ class BuiltinWriter:
         if payload.baseline_version is not None:
             versions += f", baseline v{payload.baseline_version}"
         severity = f"{payload.severity} severity " if payload.severity else ""
+        agreement = f" {payload.agreement_text[0].upper()}{payload.agreement_text[1:]}." if payload.votes else ""
         return (f"Device {payload.device}{f' ({where})' if where else ''} was flagged at {payload.when} as a "
                 f"{severity}anomaly, with a score of {fmt(payload.anomaly_score)} against a threshold of "
-                f"{fmt(payload.threshold)} ({payload.algorithm_label}{'; ' + versions if versions else ''}).")
+                f"{fmt(payload.threshold)} ({payload.algorithm_label}{'; ' + versions if versions else ''})."
+                + agreement)
 
     def _attribution(self, payload: ExplanationPayload) -> str:
         attribution = payload.attribution or {}
@@ -277,7 +279,7 @@ def build_prompt(payload: ExplanationPayload) -> str:
     "You are explaining an anomaly detected by Isolation Forest (score: {score}). Device {device_id} at
     {timestamp} showed unusual behavior: - Metric X: {value} (typical: {median} +/- {spread}, z-score: {z})
     ... Explain what this means in business terms and suggest next steps.", with the threshold, whose
-    normal the typical values are and the attribution added."""
+    normal the typical values are, the attribution and, for an ensemble, its detectors' agreement added."""
     lines = [f"You are explaining an anomaly detected by {payload.algorithm_label} "
              f"(score: {fmt(payload.anomaly_score)}, alert threshold: {fmt(payload.threshold)}). "
              f"Device {payload.device}" + (f" ({payload.cohort_label})" if payload.cohort_label else "")
@@ -291,6 +293,8 @@ def build_prompt(payload: ExplanationPayload) -> str:
         method = payload.attribution.get("label") or payload.attribution.get("method", "")
         shares = ", ".join(f"{c['metric']} {fmt(100 * c['share'])}%" for c in contributions)
         lines.append(f"Share of the score by metric ({method}): {shares}.")
+    if payload.votes:
+        lines.append(f"Detector agreement: {payload.agreement_text}.")
     lines.append("Explain what this means in business terms and suggest next steps.")
     return "\n".join(lines)
 

@@ -77,7 +77,8 @@ class ExplanationPayload:
     timestamp: ISO 8601 in UTC. attribution: explanations.attribution.Attribution.as_dict().
     metric_labels: {metric: label} for every metric of the fleet, so validation can tell a payload
     metric from another fleet metric a narrative should not name. windows: the feature windows
-    ({"window": "12-hour", "lag": "1 day", "bucket": "hour"}).
+    ({"window": "12-hour", "lag": "1 day", "bucket": "hour"}). votes: an ensemble's members'
+    votes on the row ({member: flags it}, AnomalyResult.votes); {} for a single detector.
     """
 
     anomaly_id: int | None
@@ -97,6 +98,18 @@ class ExplanationPayload:
     metric_labels: dict = field(default_factory=dict)
     windows: dict = field(default_factory=dict)
     run_id: int | None = None
+    votes: dict = field(default_factory=dict)
+
+    @property
+    def agreement_text(self) -> str:
+        """The ensemble's members' agreement in words ("2 of 3 detectors flagged it (lof, robust_z;
+        not hybrid)"); "" for a single detector."""
+        if not self.votes:
+            return ""
+        flagged = sorted(m for m, v in self.votes.items() if v)
+        others = sorted(m for m, v in self.votes.items() if not v)
+        names = "; ".join(p for p in (", ".join(flagged), f"not {', '.join(others)}" if others else "") if p)
+        return f"{len(flagged)} of {len(self.votes)} detectors flagged it ({names})"
 
     @property
     def algorithm_label(self) -> str:
@@ -141,7 +154,8 @@ class ExplanationPayload:
 def build_payload(*, anomaly_id, fleet: str, device: str, device_attributes: dict, cohort_label: str, timestamp,
                   anomaly_score: float, threshold: float, severity: str, algorithm: str, model_version,
                   baseline_version, top_metrics: list[dict], attribution: dict, metric_schema: list[dict],
-                  feature_config=None, run_id=None, top_k: int = 5) -> ExplanationPayload:
+                  feature_config=None, run_id=None, top_k: int = 5, votes: dict | None = None
+                  ) -> ExplanationPayload:
     """Assemble a payload from an anomaly's stored facts.
 
     top_metrics: AnomalyResult.top_metrics entries ({metric, feature, domain, value, typical, mad, z,
@@ -176,7 +190,7 @@ def build_payload(*, anomaly_id, fleet: str, device: str, device_attributes: dic
         baseline_version=baseline_version, top_metrics=findings, attribution=attribution,
         metric_labels={**{f.metric: f.label for f in findings},
                        **{name: metric_label(name, m) for name, m in schema.items()}},
-        windows=windows, run_id=run_id)
+        windows=windows, run_id=run_id, votes=dict(votes or {}))
 
 
 def metric_label(name: str, schema_entry: dict | None = None) -> str:

@@ -476,7 +476,7 @@ def _payload(anomaly: AnomalyResult, fleet, run, attribution: Attribution, conte
         baseline_version=anomaly.baseline_version.number if anomaly.baseline_version_id else None,
         top_metrics=_entries(anomaly.top_metrics), attribution=summary, metric_schema=fleet.metric_schema,
         feature_config=context.config.features if context.config is not None else None, run_id=run.pk,
-        top_k=getattr(context.config, "top_k", 5) or 5)
+        top_k=getattr(context.config, "top_k", 5) or 5, votes=anomaly.votes)
 
 
 def _entries(top_metrics) -> list[dict]:

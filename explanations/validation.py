@@ -133,9 +133,12 @@ def validate_narrative(text: str, payload: ExplanationPayload) -> ValidationResu
 def payload_numbers(payload: ExplanationPayload) -> list[float]:
     """Every number a narrative may state: scores, threshold, each top metric's value, typical, spread,
     z-score, ratio, the typical band's ends and the gap to typical, contributions and their shares in
-    per cent, versions, the feature windows and the timestamp's parts."""
+    per cent, versions, the feature windows, the timestamp's parts and, for an ensemble, how many of
+    its detectors flagged the row and how many there are."""
     out = [payload.anomaly_score, payload.threshold, payload.model_version, payload.baseline_version,
            len(payload.top_metrics)]
+    if payload.votes:
+        out += [sum(bool(v) for v in payload.votes.values()), len(payload.votes)]
     for m in payload.top_metrics:
         out += [m.value, m.typical, m.spread, m.z, m.ratio]
         if m.typical is not None and m.spread is not None:
@@ -210,9 +213,10 @@ def _alias_table(metric_labels: dict, allowed: set) -> list[tuple[str, str]]:
 
 
 def _own_names(payload: ExplanationPayload) -> list[str]:
-    """The payload's names that are not metrics (device, fleet, cohort, device attributes), longest first."""
+    """The payload's names that are not metrics (device, fleet, cohort, device attributes, an
+    ensemble's detectors), longest first."""
     names = [payload.device, payload.fleet, payload.cohort_label,
-             *[str(v) for v in (payload.device_attributes or {}).values() if v]]
+             *[str(v) for v in (payload.device_attributes or {}).values() if v], *(payload.votes or {})]
     return sorted({n for n in names if n}, key=len, reverse=True)
 
 

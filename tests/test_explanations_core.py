@@ -233,6 +233,20 @@ def test_prompt_follows_the_issue_shape():
     assert prompt.endswith("Explain what this means in business terms and suggest next steps.")
 
 
+def test_an_ensembles_agreement_is_stated_by_the_writer_and_the_prompt_and_its_counts_validate():
+    p = payload(algorithm="ensemble", votes={"robust_z": True, "lof": True, "hybrid": False})
+    text = BuiltinWriter().text(p)
+    assert "2 of 3 detectors flagged it (lof, robust_z; not hybrid)." in text.split("\n\n")[0]
+    assert validate_narrative(text, p).valid
+    assert "Detector agreement: 2 of 3 detectors flagged it (lof, robust_z; not hybrid)." in build_prompt(p)
+    assert type(p).from_dict(p.as_dict()).votes == p.votes
+    # Without the votes, "2 of 3" would be numbers the payload does not hold.
+    plain = payload()
+    assert "detectors flagged it" not in BuiltinWriter().text(plain) and "Detector agreement" not in build_prompt(plain)
+    assert not validate_narrative("2 of 3 detectors flagged it.", plain).valid
+    assert payload(votes={"iqr": True}).agreement_text == "1 of 1 detectors flagged it (iqr)"
+
+
 @pytest.mark.parametrize("value,text", [(-95.0, "-95"), (22.0968, "22.1"), (1.97324, "1.97"), (0.027112, "0.0271"),
                                         (1234.5, "1234"), (0.0, "0"), (-0.00001, "-0.00001"), (None, "n/a")])
 def test_numbers_are_printed_with_three_significant_digits(value, text):
