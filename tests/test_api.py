@@ -17,6 +17,7 @@ from detection.ingest.loader import ingest_batch, load_telemetry_frame
 from detection.ingest.synthetic import generate_fleet
 from detection.models import AnomalyResult, Device, Fleet, ModelVersion, PipelineRun
 from detection.services import pipeline_run_create, pipeline_run_execute
+from detection.views import ANOMALIES_PER_PAGE
 
 from factories import DeviceFactory, FleetFactory, user_with_role
 
@@ -158,6 +159,15 @@ def test_an_ensembles_votes_and_agreement_are_persisted_shown_and_served(viewer,
     listed = viewer.get("/api/v1/anomalies/", {"run": run.pk, "label": -1}).json()["results"][0]
     stored = AnomalyResult.objects.get(pk=listed["id"])
     assert listed["votes"] == stored.votes and listed["agreement"] == stored.agreement
+    # Triage by agreement: the anomalies that split the detectors.
+    split = viewer.get("/api/v1/anomalies/", {"run": run.pk, "min_agreement": 0.3, "max_agreement": 0.7}).json()
+    assert split["count"] == sum(0.3 <= a.agreement <= 0.7 for a in anomalies) > 0
+    assert viewer.get("/api/v1/anomalies/", {"min_agreement": "most"}).status_code == 400
+
+    # The anomaly list says how many detectors agree on each row.
+    client.force_login(user_with_role("lena", "viewer"))
+    listing = client.get(f"/fleets/{fleet.name}/anomalies/?run={run.pk}").content.decode()
+    assert listing.count(" of 3 agree</div>") == min(len(anomalies), ANOMALIES_PER_PAGE)
 
     # The anomaly page names who flagged it.
     client.force_login(user_with_role("rita", "reviewer"))

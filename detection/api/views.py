@@ -339,6 +339,8 @@ class AnomalyResultFilterSet(django_filters.FilterSet):
     label = django_filters.TypedChoiceFilter(choices=Label.choices, coerce=int)
     timestamp = UtcIsoDateTimeFromToRangeFilter()
     min_score = django_filters.NumberFilter(field_name="anomaly_score", lookup_expr="gte")
+    min_agreement = django_filters.NumberFilter(field_name="agreement", lookup_expr="gte")
+    max_agreement = django_filters.NumberFilter(field_name="agreement", lookup_expr="lte")
 
     class Meta:
         model = AnomalyResult
@@ -347,7 +349,8 @@ class AnomalyResultFilterSet(django_filters.FilterSet):
 
 class AnomalyResultViewSet(RoleViewSetMixin, viewsets.ReadOnlyModelViewSet):
     """Scored results, newest first. Filters: fleet, run, device, severity, label (-1 anomaly, 1 normal),
-    timestamp_after / timestamp_before (ISO 8601), min_score."""
+    timestamp_after / timestamp_before (ISO 8601), min_score, min_agreement / max_agreement (an
+    ensemble's share of detectors that flag the anomaly, 0..1; results without votes never match)."""
 
     serializer_class = AnomalyResultSerializer
     queryset = AnomalyResult.objects.select_related("fleet", "device", "model_version", "baseline_version")
