@@ -140,6 +140,29 @@ def test_reviewer_selects_rows_and_gives_them_one_verdict(live_server, browser, 
     assert not errors, errors
 
 
+def test_the_bulk_bar_follows_a_phone_reader_only_once_a_row_is_picked(live_server, browser, review_data):
+    expect = pytest.importorskip("playwright.sync_api").expect
+    user_with_role("rita", "reviewer", password="pw-rita")
+    page, errors = signed_in(browser, live_server, "rita", "pw-rita", "/fleets/demo/anomalies/")
+    bar, rows = page.locator("#bulk-review"), page.locator('#anomaly-table tbody input[name="anomaly"]')
+    expect(rows).to_have_count(50)
+
+    def bar_top_after_scrolling_to(row: int) -> float:
+        rows.nth(row).scroll_into_view_if_needed()
+        page.evaluate("window.scrollBy(0, 400)")
+        return page.evaluate("document.getElementById('bulk-review').getBoundingClientRect().top")
+
+    page.set_viewport_size({"width": 390, "height": 844})
+    assert bar_top_after_scrolling_to(20) < -100  # nothing picked: the bar scrolls away with the page
+    rows.nth(20).check()
+    expect(bar).to_contain_text("1 of 50 on this page selected")
+    assert abs(bar_top_after_scrolling_to(30)) < 1  # a row picked: the verdict stays at the top
+    rows.nth(20).uncheck()
+    page.set_viewport_size({"width": 1280, "height": 900})
+    assert abs(bar_top_after_scrolling_to(30)) < 1  # a wide screen has room for it always
+    assert not errors, errors
+
+
 def test_baseline_band_of_a_negative_metric_sits_around_its_median(live_server, browser, screenshot_dir):
     """The detail chart's band is median +- 3 * 1.4826 * MAD, also for a metric below zero (Wi-Fi dBm):
     ECharts' default stacking put the band's width on 0 instead of on its negative lower edge."""
