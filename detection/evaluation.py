@@ -311,22 +311,22 @@ def evaluate_nab(*, path: Path | str, results_dir: Path | str | None = None, kee
     features (trailing windows, backward lags); the other rows are scored. The pipeline's own
     threshold is not used: NAB's sweeper picks one threshold per profile over the corpus.
     calibration None (default) is the detector's own (its class attribute nab_calibration:
-    "rank_wait" for all but nn_novelty, which uses "ratio_wait"). "rank_suppress" is "rank"
-    followed by detection.ml.nab.suppress_repeats (a score counts only where it is a new high of
-    the last N rows, N the detector's nab_suppress_rows: 50, 20 for nn_novelty; so one event fires
-    once); "*_wait" instead keeps a file silent for N rows after each detection (a refractory
-    period, detection.ml.nab.refractory, simulated by NAB's sweeper at every threshold); "rank"
-    turns each file's scores into their streaming rank (detection.ml.nab.streaming_rank: the share
-    of the file's earlier scores, its in-sample probationary scores included, that each score
-    exceeds), so that one threshold means the same in every file; "top" into their reciprocal rank
-    from the top of the same history (detection.ml.nab.streaming_top_rank: 1 / (1 + the number of earlier scores at least as
-    high), so one threshold means "among the K highest so far"), "top_suppress" then suppresses
-    repeats; "ratio" divides each score by the geometric mean of the 8th to 16th highest of the same
-    history (detection.ml.nab.streaming_order_ratio, for non-negative scores), so one threshold means
-    "this multiple of the file's usual top scores so far", "ratio_suppress" then suppresses repeats;
-    "none" sweeps the raw scores, whose scale differs from file to file (robust z-units of each
-    file's own training scores for the hybrid). A file whose training fails (e.g. a flat line:
-    nothing varies) never detects, with a warning.
+    "rank_wait" for all but nn_novelty, which uses "ratio_wait"). "rank_suppress" is "rank" followed
+    by detection.ml.nab.suppress_repeats (a score counts only where it is a new high of the last N
+    rows, N the detector's nab_suppress_rows: 50, 20 for nn_novelty; so one event fires once);
+    "*_wait" instead keeps a file silent for N rows after each detection (a refractory period,
+    detection.ml.nab.refractory, simulated by NAB's sweeper at every threshold); "rank" turns each
+    file's scores into their streaming rank (detection.ml.nab.streaming_rank: the share of the
+    file's earlier scores, its in-sample probationary scores included, that each score exceeds), so
+    that one threshold means the same in every file; "top" into their reciprocal rank from the top
+    of the same history (detection.ml.nab.streaming_top_rank: 1 / (1 + the number of earlier scores
+    at least as high), so one threshold means "among the K highest so far"), "top_suppress" then
+    suppresses repeats; "ratio" divides each score by the geometric mean of the 8th to 16th highest
+    of the same history (detection.ml.nab.streaming_order_ratio, for non-negative scores), so one
+    threshold means "this multiple of the file's usual top scores so far", "ratio_suppress" then
+    suppresses repeats; "none" sweeps the raw scores, whose scale differs from file to file (robust
+    z-units of each file's own training scores for the hybrid). A file whose training fails (e.g. a
+    flat line: nothing varies) never detects, with a warning.
     With results_dir, writes NAB's results layout DIR/<detector>/<category>/<detector>_<file>.csv
     (timestamp, value, anomaly_score, label); anomaly_score is empty where the detector gave no
     score (the probationary rows) and, for the *_wait calibrations, 0 where a detection at the

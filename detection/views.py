@@ -392,8 +392,9 @@ def _precache_urls() -> list[str]:
     every page needs (WhiteNoise's manifest names in production, plain names in development)."""
     from django.templatetags.static import static as static_url
 
-    files = ["vigil/app.css", "vigil/pwa.js", "vigil/focus.js", "vigil/shortcuts.js", "vigil/charts.js", "vigil/explanations.css",
-             "vigil/vendor/echarts-5.6.0.min.js", "vigil/icons/icon-192.png", "django_htmx/htmx-2.min.js", "django_htmx/ext/hx-ws-2.min.js"]
+    files = ["vigil/app.css", "vigil/pwa.js", "vigil/focus.js", "vigil/shortcuts.js", "vigil/charts.js",
+             "vigil/explanations.css", "vigil/vendor/echarts-5.6.0.min.js", "vigil/icons/icon-192.png",
+             "django_htmx/htmx-2.min.js", "django_htmx/ext/hx-ws-2.min.js"]
     return [reverse("detection:offline"), *(static_url(f) for f in files)]
 
 

@@ -237,7 +237,7 @@ class BuiltinWriter:
         if payload.baseline_version is not None:
             versions += f", baseline v{payload.baseline_version}"
         severity = f"{payload.severity} severity " if payload.severity else ""
-        agreement = f" {payload.agreement_text[0].upper()}{payload.agreement_text[1:]}." if payload.votes else ""
+        agreement = f" {payload.agreement_text}." if payload.votes else ""  # "2 of 3 detectors ..."
         return (f"Device {payload.device}{f' ({where})' if where else ''} was flagged at {payload.when} as a "
                 f"{severity}anomaly, with a score of {fmt(payload.anomaly_score)} against a threshold of "
                 f"{fmt(payload.threshold)} ({payload.algorithm_label}{'; ' + versions if versions else ''})."

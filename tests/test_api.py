@@ -160,7 +160,8 @@ def test_an_ensembles_votes_and_agreement_are_persisted_shown_and_served(viewer,
     stored = AnomalyResult.objects.get(pk=listed["id"])
     assert listed["votes"] == stored.votes and listed["agreement"] == stored.agreement
     # Triage by agreement: the anomalies that split the detectors.
-    split = viewer.get("/api/v1/anomalies/", {"run": run.pk, "min_agreement": 0.3, "max_agreement": 0.7}).json()
+    split = viewer.get("/api/v1/anomalies/",
+                       {"run": run.pk, "min_agreement": 0.3, "max_agreement": 0.7}).json()
     assert split["count"] == sum(0.3 <= a.agreement <= 0.7 for a in anomalies) > 0
     assert viewer.get("/api/v1/anomalies/", {"min_agreement": "most"}).status_code == 400
 

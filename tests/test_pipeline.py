@@ -260,7 +260,8 @@ def test_an_ensemble_member_that_fails_is_left_out_with_its_reason_on_the_run_an
     assert run.status == RunStatus.SUCCEEDED, run.error
     assert any("1 ensemble member(s) left out: failing (fit: RuntimeError: singular matrix in block 3)" in w
                for w in run.warnings)
-    assert run.model_version.params["excluded"] == {"failing": "fit: RuntimeError: singular matrix in block 3"}
+    reason = "fit: RuntimeError: singular matrix in block 3"
+    assert run.model_version.params["excluded"] == {"failing": reason}
     assert set(AnomalyResult.objects.filter(run=run, label=-1).first().votes) == {"robust_z", "iqr"}
     client.force_login(user_with_role("vera", "viewer"))
     for url in (f"/fleets/{fleet.name}/", f"/fleets/{fleet.name}/models/"):

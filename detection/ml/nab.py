@@ -336,7 +336,7 @@ def sweep(series: Sequence[NabSeries], cost: CostMatrix, *, probation_percent: f
     return out
 
 
-def _refractory_sweep(order, scores, reward, window, lows, highs, wait, fn_weight, null):  # numba: jit.compiled
+def _refractory_sweep(order, scores, reward, window, lows, highs, wait, fn_weight, null):  # jit.compiled
     """Rows (positions in one line of all files, files wait + 1 apart) switched on in `order`; after
     each run of equal scores, the totals of the detections that the refractory rule keeps."""
     n = len(reward)
@@ -412,7 +412,8 @@ def _sweep_refractory(prepared: Sequence[_Prepared], cost: CostMatrix, wait: int
             highs.append(offset + int(rows[-1]))
         scores.append(np.r_[s, np.full(wait + 1, np.nan)])  # a gap of wait + 1 rows between files
         rewards.append(np.r_[p.reward, np.zeros(wait + 1)])
-        windows.append(np.r_[[counted.get(int(k), -1) for k in p.window], np.full(wait + 1, -1)].astype(np.int64))
+        windows.append(np.r_[[counted.get(int(k), -1) for k in p.window],
+                             np.full(wait + 1, -1)].astype(np.int64))
         offset += len(p.reward) + wait + 1
     out = [ThresholdScore(math.inf, null, 0, 0, 0)]
     score = np.concatenate(scores) if scores else np.empty(0)
@@ -485,7 +486,8 @@ def nab_score(series: Sequence[NabSeries], profiles: Mapping[str, CostMatrix], *
         best = max(candidates, key=lambda c: c.raw)  # max() keeps the first: the highest threshold
         n_windows = sum(len(p.windows) for p in prepared)
         null, perfect = -cost.fn_weight * n_windows, cost.tp_weight * n_windows
-        per_file = {p.name: _score_prepared(p, detections_at(p, best.threshold, wait), cost) for p in prepared}
+        per_file = {p.name: _score_prepared(p, detections_at(p, best.threshold, wait), cost)
+                    for p in prepared}
         out[name] = ProfileScore(name, best.threshold, best.raw, null, perfect,
                                  normalised_score(best.raw, null, perfect), n_windows, best.detected_windows,
                                  best.false_positives, best.detections, per_file)

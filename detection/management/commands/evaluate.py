@@ -52,12 +52,13 @@ class Command(BaseCommand):
         parser.add_argument("--calibration", choices=NAB_CALIBRATIONS,
                             help="nab (default: the detector's own: rank_wait, ratio_wait for nn_novelty): "
                                  "'rank_wait': 'rank', then a file stays silent for a few rows after each "
-                                 "detection; 'rank_suppress': 'rank', then only new highs of the recent rows count; 'rank' "
-                                 "turns each score into its rank among the file's earlier scores; 'top' into "
-                                 "1 / (1 + the number of earlier scores at least as high), 'ratio' into its "
-                                 "ratio to the geometric mean of the 8th-16th highest earlier scores; "
-                                 "'*_suppress' then suppresses repeats, '*_wait' keeps a file silent for a few "
-                                 "rows after each detection instead; 'none' sweeps the raw scores")
+                                 "detection; 'rank_suppress': 'rank', then only new highs of the recent rows "
+                                 "count; 'rank' turns each score into its rank among the file's earlier "
+                                 "scores; 'top' into 1 / (1 + the number of earlier scores at least as "
+                                 "high), 'ratio' into its ratio to the geometric mean of the 8th-16th "
+                                 "highest earlier scores; '*_suppress' then suppresses repeats, '*_wait' "
+                                 "keeps a file silent for a few rows after each detection instead; 'none' "
+                                 "sweeps the raw scores")
         parser.add_argument("--degraded-cycles", type=int,
                             help="cmapss: the last N cycles of each engine are anomalous (default 30)")
         parser.add_argument("--train-cycles", type=int,
