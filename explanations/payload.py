@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from detection.ml.scoring import split_votes
+
 MAD_TO_SIGMA = 1.4826
 # Engineered-feature suffix -> what the feature measures, in a reviewer's words ({window}/{lag} filled in).
 ASPECTS = {
@@ -106,8 +108,7 @@ class ExplanationPayload:
         not hybrid)"); "" for a single detector."""
         if not self.votes:
             return ""
-        flagged = sorted(m for m, v in self.votes.items() if v)
-        others = sorted(m for m, v in self.votes.items() if not v)
+        flagged, others = split_votes(self.votes)
         names = "; ".join(p for p in (", ".join(flagged), f"not {', '.join(others)}" if others else "") if p)
         return f"{len(flagged)} of {len(self.votes)} detectors flagged it ({names})"
 

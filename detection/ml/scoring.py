@@ -71,6 +71,13 @@ class ScoreResult:
         return out.tolist()
 
 
+def split_votes(votes: dict) -> tuple[list[str], list[str]]:
+    """An anomaly's ensemble votes ({member: flags it}, ScoreResult.votes / AnomalyResult.votes) as
+    (members that flag it, members that do not), each sorted by name; what the anomaly page and the
+    explanation both list."""
+    return sorted(m for m, v in votes.items() if v), sorted(m for m, v in votes.items() if not v)
+
+
 def severity_from_z(max_abs_z: np.ndarray, bands: tuple[float, float, float] = (4.0, 6.0, 10.0)) -> np.ndarray:
     """Low below bands[0], medium from bands[0], high from bands[1], critical from bands[2] (|z|)."""
     medium, high, critical = bands

@@ -4,6 +4,7 @@ from __future__ import annotations
 from django import template
 
 from detection.choices import RunStage
+from detection.ml.scoring import split_votes
 from detection.models import PipelineRun
 
 register = template.Library()
@@ -105,8 +106,8 @@ def detector_votes(anomaly) -> dict | None:
     votes = getattr(anomaly, "votes", None)
     if not isinstance(votes, dict) or not votes:
         return None
-    flagged = sorted(m for m, v in votes.items() if v)
+    flagged, others = split_votes(votes)
     share = getattr(anomaly, "agreement", None)
     weighted = share is not None and abs(float(share) - len(flagged) / len(votes)) > 5e-4
-    return {"flagged": flagged, "not": sorted(m for m, v in votes.items() if not v), "total": len(votes),
+    return {"flagged": flagged, "not": others, "total": len(votes),
             "agreement": f"{float(share) * 100:.0f} %" if weighted else ""}
